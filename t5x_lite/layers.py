@@ -1,0 +1,277 @@
+"""Transformer building blocks whose parameters and activations carry logical axis names.
+
+Logical names used here: `vocab`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`, `relpos_buckets`
+for parameters (plus `layers` added by `nn.scan`), and `batch`, `length`, `embed`, `heads`,
+`kv`, `mlp` for activations. Only `partitioning.py` maps them onto mesh axes; without rules in
+scope the constraints are no-ops, so these modules also run unsharded.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Additive bias for masked attention logits; finite so fully masked rows give no NaN.
+NEG_INF = -1e10
+
+ACTIVATIONS = {
+    'relu': nn.relu,
+    'gelu': nn.gelu,  # tanh approximation, as T5X and HF's "gelu_new"
+    'gelu_exact': lambda x: nn.gelu(x, approximate=False),
+    'silu': nn.silu,
+    'linear': lambda x: x,
+}
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+  """Shards an activation by logical axis names (a no-op outside partitioning rules)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class DenseGeneral(nn.Module):
+  """A dense layer contracting the last `num_in_axes` input dims into `features`.
+
+  The kernel has shape `input_dims + features` and logical names `kernel_axes`; its fan-in
+  counts every contracted input dim, so the variance-scaling init matches a flat dense layer.
+  """
+
+  features: int | tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  num_in_axes: int = 1
+  init_scale: float = 1.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = self.features if isinstance(self.features, tuple) else (self.features,)
+    in_shape = x.shape[x.ndim - self.num_in_axes:]
+    n_in, n_all = len(in_shape), len(in_shape) + len(features)
+    init = nn.initializers.variance_scaling(
+        self.init_scale, 'fan_in', 'truncated_normal',
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_all)))
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(init, self.kernel_axes),
+        in_shape + features, jnp.float32)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(
+        x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+
+
+class Embed(nn.Module):
+  """Token embedding table, also usable as the (tied) output projection."""
+
+  num_embeddings: int
+  features: int
+  init_stddev: float = 1.0
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    init = nn.initializers.normal(stddev=self.init_stddev)
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(init, ('vocab', 'embed')),
+        (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, tokens: Array) -> Array:
+    """[batch, length] int -> [batch, length, embed]."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """[batch, length, embed] -> [batch, length, vocab] logits against the table."""
+    return jnp.einsum('ble,ve->blv', x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm with a learned scale only (T5, Llama), computed in float32."""
+
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param(
+        'scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+        (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+  """Maps key-minus-query offsets to T5's buckets (exact for small, log-spaced up to max).
+
+  Args:
+    relative_position: int array of `memory_position - query_position`.
+    bidirectional: whether future keys get buckets of their own (encoder) or share
+      bucket 0 with the present (causal decoder).
+    num_buckets: total number of buckets.
+    max_distance: offsets at or beyond this share the last bucket.
+
+  Returns:
+    int32 bucket ids with the shape of `relative_position`.
+  """
+  n = -relative_position
+  bucket = jnp.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (n < 0).astype(n.dtype) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  # The epsilon keeps exact powers (n = 16, 32, ...) from rounding into the bucket below.
+  log_ratio = jnp.log(n.astype(jnp.float32) / max_exact + jnp.finfo(jnp.float32).eps)
+  large = max_exact + (log_ratio / jnp.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(n.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return (bucket + jnp.where(n < max_exact, n, large)).astype(jnp.int32)
+
+
+class RelativePositionBias(nn.Module):
+  """T5's learned per-head attention bias over bucketed relative positions."""
+
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = True
+
+  @nn.compact
+  def __call__(self, query_length: int, key_length: int) -> Array:
+    """Returns the bias, [1, heads, query_length, key_length] float32."""
+    offsets = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]
+    buckets = relative_position_bucket(
+        offsets, self.bidirectional, self.num_buckets, self.max_distance)
+    init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+    table = self.param(
+        'rel_embedding', nn.with_logical_partitioning(init, ('heads', 'relpos_buckets')),
+        (self.num_heads, self.num_buckets), jnp.float32)
+    return jnp.take(table, buckets, axis=1)[None]
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding in the half-split layout used by HF Llama.
+
+  Args:
+    x: [batch, length, heads, head_dim].
+    positions: [batch, length] integer positions.
+    theta: the RoPE base frequency.
+
+  Returns:
+    x rotated by position, same shape and dtype.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, half]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(query_valid: Array, key_valid: Array,
+                   query_segments: Array | None = None, key_segments: Array | None = None,
+                   causal: bool = False, bidirectional_prefix: Array | None = None) -> Array:
+  """Builds a boolean attention mask, [batch, 1, query_length, key_length].
+
+  Args:
+    query_valid, key_valid: [batch, length] bool, False at padding.
+    query_segments, key_segments: [batch, length] packed-example ids; tokens attend only
+      within their own example.
+    causal: each query sees keys at or before its own index.
+    bidirectional_prefix: [batch, length] bool marking a prefix-LM's input positions, which
+      see each other in both directions even under `causal`.
+  """
+  mask = query_valid[:, None, :, None] & key_valid[:, None, None, :]
+  if query_segments is not None:
+    mask &= query_segments[:, None, :, None] == key_segments[:, None, None, :]
+  if causal:
+    q_idx = jnp.arange(query_valid.shape[1])[:, None]
+    k_idx = jnp.arange(key_valid.shape[1])[None, :]
+    allowed = (k_idx <= q_idx)[None, None]
+    if bidirectional_prefix is not None:
+      prefix = bidirectional_prefix.astype(bool)
+      allowed = allowed | (prefix[:, None, :, None] & prefix[:, None, None, :])
+    mask &= allowed
+  return mask
+
+
+def mask_to_bias(mask: Array) -> Array:
+  """Boolean mask -> additive float32 bias (0 where allowed, NEG_INF where masked)."""
+  return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped-query heads, optional RoPE, float32 softmax.
+
+  T5 leaves out the 1/sqrt(head_dim) logit scale and folds it into the query init instead
+  (`scale_logits=False`); Llama scales at run time (`scale_logits=True`).
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  scale_logits: bool = False
+  rope_theta: float | None = None
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array,
+               query_positions: Array | None = None,
+               key_positions: Array | None = None) -> Array:
+    """Attends `inputs_q` [b, q, embed] to `inputs_kv` [b, k, embed] with an additive
+    `bias` broadcastable to [b, heads, q, k]; returns [b, q, embed]."""
+    dense = lambda feats, axes, name, **kw: DenseGeneral(
+        feats, axes, dtype=self.dtype, name=name, **kw)
+    query_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
+    q = dense((self.num_heads, self.head_dim), ('embed', 'heads', 'kv'), 'query',
+              init_scale=query_scale)(inputs_q)
+    k = dense((self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'kv'), 'key')(inputs_kv)
+    v = dense((self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'kv'), 'value')(inputs_kv)
+    if self.rope_theta is not None:
+      q = apply_rope(q, query_positions, self.rope_theta)
+      k = apply_rope(k, key_positions, self.rope_theta)
+    if self.scale_logits:
+      q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    q = constrain(q, ('batch', 'length', 'heads', 'kv'))
+    k = constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
+    v = constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
+
+    batch, q_len, _, _ = q.shape
+    groups = self.num_heads // self.num_kv_heads  # query head i reads kv head i // groups
+    q = q.reshape(batch, q_len, self.num_kv_heads, groups, self.head_dim)
+    logits = jnp.einsum('bqhgd,bkhd->bhgqk', q, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, self.num_heads, q_len, -1) + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=self.deterministic)
+    weights = weights.reshape(batch, self.num_kv_heads, groups, q_len, -1)
+    out = jnp.einsum('bhgqk,bkhd->bqhgd', weights, v)
+    out = constrain(out.reshape(batch, q_len, self.num_heads, self.head_dim),
+                    ('batch', 'length', 'heads', 'kv'))
+    return dense(inputs_q.shape[-1], ('heads', 'kv', 'embed'), 'out', num_in_axes=2)(out)
+
+
+class MLP(nn.Module):
+  """Feed-forward block: one activation (T5 1.0 ReLU) or a gated product (GeGLU, SwiGLU)."""
+
+  d_ff: int
+  activations: Sequence[str] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[b, l, embed] -> [b, l, embed]."""
+    hidden = None
+    for i, name in enumerate(self.activations):
+      suffix = '' if len(self.activations) == 1 else f'_{i}'
+      h = ACTIVATIONS[name](
+          DenseGeneral(self.d_ff, ('embed', 'mlp'), dtype=self.dtype, name=f'wi{suffix}')(x))
+      hidden = h if hidden is None else hidden * h
+    hidden = constrain(hidden, ('batch', 'length', 'mlp'))
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=self.deterministic)
+    return DenseGeneral(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, name='wo')(hidden)
