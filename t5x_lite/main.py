@@ -1,0 +1,107 @@
+"""Command line: `python -m t5x_lite.main COMMAND --config=configs/X.py [--config.a.b=v]`.
+
+Commands: info (model summary and parameter counts); train, eval, infer, score, export and
+convert are named here and report plainly that they have not landed yet.
+"""
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from t5x_lite import config as config_lib
+from t5x_lite import models
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a configs/*.py file; override fields with --config.a.b=value.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+
+# Subcommands whose issue has not landed: name -> what brings them.
+_PLANNED = {
+    'train': 'sharded training (issue #5)',
+    'eval': 'inference and evaluation (issue #6)',
+    'infer': 'inference and evaluation (issue #6)',
+    'score': 'inference and evaluation (issue #6)',
+    'export': 'Hugging Face interop (issue #7)',
+    'convert': 'Hugging Face interop (issue #7)',
+}
+
+
+def _fail(message: str) -> None:
+  """One clear line on stderr, exit code 2."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing whose errors become one line and exit code 2."""
+  for arg in argv[1:]:
+    if arg.startswith('--config=') and not os.path.isfile(arg.split('=', 1)[1]):
+      _fail(f'config file {arg.split("=", 1)[1]!r} not found; pass e.g. '
+            '--config=configs/t5_1_1_small.py')
+  try:
+    return flags.FLAGS(list(argv))
+  except (KeyError, AttributeError) as e:
+    field = str(e).strip('\'"')
+    _fail(f'unknown config field {field!r} in a --config.* override; `info` lists the fields.')
+  except (flags.Error, TypeError, ValueError) as e:
+    _fail(f'bad flag: {e}')
+
+
+def param_table(params) -> list[tuple[str, int]]:
+  """(top-level module, parameter count) rows, in the params tree's order."""
+  return [(name, models.count_params(subtree)) for name, subtree in params.items()]
+
+
+def info(config: ml_collections.ConfigDict) -> None:
+  """Prints the model config and its parameter counts, computed without allocating."""
+  model_config = config_lib.model_config(config)
+  shapes = models.param_shapes(model_config)
+  total = models.count_params(shapes)
+  print(f'architecture: {model_config.architecture}')
+  for field, value in sorted(config.model.items()):
+    print(f'  {field}: {value}')
+  print('parameters:')
+  for name, count in param_table(shapes):
+    print(f'  {name:<24} {count:>16,}')
+  print(f'  {"total":<24} {total:>16,}')
+  print(f'float32 size: {total * 4 / 2**30:.2f} GiB; devices: {jax.device_count()} '
+        f'x {jax.devices()[0].platform}')
+
+
+_COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {'info': info}
+
+
+def main(argv: Sequence[str]) -> None:
+  # jax logs its probe for absent TPU/GPU backends at INFO; that is noise on a CPU host.
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
+  commands = sorted([*_COMMANDS, *_PLANNED])
+  if len(argv) != 2:
+    _fail(f'expected one command, got {argv[1:]}; usage: python -m t5x_lite.main '
+          f'{{{",".join(commands)}}} --config=configs/NAME.py')
+  command = argv[1]
+  if command in _PLANNED:
+    _fail(f'"{command}" is not available yet: it arrives with {_PLANNED[command]}.')
+  if command not in _COMMANDS:
+    _fail(f'unknown command "{command}"; choose one of {commands}.')
+  if _CONFIG.value is None:
+    _fail('--config is required, e.g. --config=configs/t5_1_1_small.py')
+  try:
+    _COMMANDS[command](_CONFIG.value)
+  except ValueError as e:
+    _fail(str(e))
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()
