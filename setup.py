@@ -29,10 +29,11 @@ setuptools.setup(
         'tqdm>=4.66',
         'matplotlib>=3.8',
         'numpy>=1.26',
+        'safetensors>=0.4.5',  # Hugging Face checkpoint import/export
     ],
     extras_require={
         # torch is pinned to the CPU wheel available locally; a range would pull CUDA builds.
-        'test': ['pytest>=8', 'torch==2.13.0', 'transformers>=4.46', 'safetensors>=0.4.5'],
+        'test': ['pytest>=8', 'torch==2.13.0', 'transformers>=5.0'],
         'tpu': ['jax[tpu]>=0.4.35'],
         'gpu': ['jax[cuda12]>=0.4.35'],
     },

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -99,9 +100,12 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
-def relative_position_bucket(relative_position: Array, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> Array:
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> np.ndarray:
   """Maps key-minus-query offsets to T5's buckets (exact for small, log-spaced up to max).
+
+  Computed in numpy float32 on static shapes: XLA's CPU division by a broadcast scalar goes
+  through a reciprocal and can land exact log boundaries in the bucket below.
 
   Args:
     relative_position: int array of `memory_position - query_position`.
@@ -113,21 +117,20 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool,
   Returns:
     int32 bucket ids with the shape of `relative_position`.
   """
-  n = -relative_position
-  bucket = jnp.zeros_like(n)
+  n = -np.asarray(relative_position, np.int64)
+  bucket = np.zeros_like(n)
   if bidirectional:
     num_buckets //= 2
-    bucket += (n < 0).astype(n.dtype) * num_buckets
-    n = jnp.abs(n)
+    bucket += (n < 0) * num_buckets
+    n = np.abs(n)
   else:
-    n = jnp.maximum(n, 0)
+    n = np.maximum(n, 0)
   max_exact = num_buckets // 2
-  # The epsilon keeps exact powers (n = 16, 32, ...) from rounding into the bucket below.
-  log_ratio = jnp.log(n.astype(jnp.float32) / max_exact + jnp.finfo(jnp.float32).eps)
-  large = max_exact + (log_ratio / jnp.log(max_distance / max_exact)
-                       * (num_buckets - max_exact)).astype(n.dtype)
-  large = jnp.minimum(large, num_buckets - 1)
-  return (bucket + jnp.where(n < max_exact, n, large)).astype(jnp.int32)
+  log_ratio = np.log(n.astype(np.float32) / np.float32(max_exact) + np.finfo(np.float32).eps)
+  scaled = log_ratio / np.float32(np.log(max_distance / max_exact)) * np.float32(
+      num_buckets - max_exact)
+  large = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
+  return (bucket + np.where(n < max_exact, n, large)).astype(np.int32)
 
 
 class RelativePositionBias(nn.Module):
@@ -141,7 +144,7 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self, query_length: int, key_length: int) -> Array:
     """Returns the bias, [1, heads, query_length, key_length] float32."""
-    offsets = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]
+    offsets = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
     buckets = relative_position_bucket(
         offsets, self.bidirectional, self.num_buckets, self.max_distance)
     init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
