@@ -11,7 +11,7 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['t5x_lite', 't5x_lite.*']),
-    package_data={'t5x_lite': ['data/corpora/**/*']},
+    package_data={'t5x_lite': ['data/corpora/**/*', 'data/vocabs/*']},
     include_package_data=True,
     install_requires=[
         'jax>=0.4.35',
