@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from t5x_lite import models
+from t5x_lite import models, optimizers
 
 # T5.1.1 (Raffel et al. 2020, and the t5.1.1 checkpoints): gated-GELU, untied logits,
 # relative position bias, no 1/sqrt(d) in attention.
@@ -42,11 +42,48 @@ def model_config_dict(**fields: Any) -> ml_collections.ConfigDict:
 
 
 def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.ConfigDict:
-  """The full run config: a model (a preset such as `T5_1_1` with `model_fields` on top)
-  plus run-level settings."""
+  """The full run config: a model (a preset such as `T5_1_1` with `model_fields` on top),
+  its training, optimizer, data, mesh and multi-host settings."""
   config = ml_collections.ConfigDict()
   config.model = model_config_dict(**{**preset, **model_fields})
   config.seed = 0  # init and dropout RNG seed
+  config.mesh_shape = (-1, 1, 1)  # devices along (data, fsdp, model); one -1 takes the rest
+  config.axis_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes, over the defaults
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.num_processes = 1  # > 1: join a jax.distributed run of this many
+  config.distributed.process_id = 0  # this process's index in that run
+  config.distributed.coordinator_address = '127.0.0.1:12345'  # host:port of process 0
+  config.distributed.cpu_collectives = 'gloo'  # CPU cross-process collectives
+  config.distributed.auto = False  # let jax detect the cluster (Cloud TPU VMs, SLURM)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 1000  # optimizer updates in all
+  config.train.batch_size = 32  # global batch, split over processes and data-parallel devices
+  config.train.num_microbatches = 1  # gradient accumulation: batch split into this many
+  config.train.log_every = 10  # steps between metric records
+  config.train.checkpoint_every = 200  # steps between (asynchronous) checkpoints
+  config.train.keep_checkpoints = 3  # newest checkpoints kept
+  config.train.async_checkpointing = True  # write checkpoints in the background
+  config.train.init_from = ''  # another run's checkpoints dir: start from its params
+  config.train.z_loss = 1e-4  # weight of log(Z)^2 in the loss
+  config.train.label_smoothing = 0.0  # mass spread over the other tokens
+  # None / 'NUM_REAL_TARGET_TOKENS' / 'NUM_TOTAL_TARGET_TOKENS' / 'AVERAGE_PER_SEQUENCE' / a float
+  config.train.loss_normalizing_factor = 'NUM_REAL_TARGET_TOKENS'
+  config.train.nan_policy = 'stop'  # on NaN/Inf loss: 'stop' (nothing saved) or 'skip' the update
+  config.train.peak_flops_per_device = 0.0  # for MFU; e.g. 197e12 for a TPU v4 chip in bf16
+
+  config.optimizer = optimizers.default_optimizer_config()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.task = 'translate_en_de'  # a registered task or mixture (t5x_lite.data.tasks)
+  config.data.split = 'train'  # the split trained on
+  config.data.feature_lengths = ml_collections.ConfigDict({'inputs': 64, 'targets': 64})
+  encoder_decoder = config.model.architecture == 'encoder_decoder'
+  config.data.converter = 'enc_dec' if encoder_decoder else 'prefix_lm'  # or 'lm' (targets only)
+  config.data.pack = True  # several examples per row
+  config.data.shuffle = True  # reshuffled every epoch
+  config.data.num_workers = 0  # input worker processes (0: in the training process)
   return config
 
 

@@ -1,7 +1,8 @@
 """Command line: `python -m t5x_lite.main COMMAND --config=configs/X.py [--config.a.b=v]`.
 
-Commands: info (model summary and parameter counts); train, eval, infer, score, export and
-convert are named here and report plainly that they have not landed yet.
+Commands: info (model summary and parameter counts), train (resumes from --workdir when it
+holds checkpoints); eval, infer, score, export and convert are named here and report plainly
+that they have not landed yet.
 """
 
 import logging
@@ -15,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import models
+from t5x_lite import models, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file; override fields with --config.a.b=value.',
@@ -24,7 +25,6 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and l
 
 # Subcommands whose issue has not landed: name -> what brings them.
 _PLANNED = {
-    'train': 'sharded training (issue #5)',
     'eval': 'inference and evaluation (issue #6)',
     'infer': 'inference and evaluation (issue #6)',
     'score': 'inference and evaluation (issue #6)',
@@ -75,7 +75,26 @@ def info(config: ml_collections.ConfigDict) -> None:
         f'x {jax.devices()[0].platform}')
 
 
-_COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {'info': info}
+def train(config: ml_collections.ConfigDict) -> None:
+  """Trains into --workdir, saving the resolved config there first."""
+  workdir = _WORKDIR.value
+  if not workdir:
+    _fail('--workdir is required for train, e.g. --workdir=runs/my_run')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, 'config.json')
+    with open(config_path + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(config_path + '.tmp', config_path)
+  except OSError as e:
+    _fail(f'cannot write to workdir {workdir!r} ({e.strerror}); choose a writable directory.')
+  metrics = trainer.train(config, workdir)
+  if jax.process_index() == 0:
+    print('final: ' + ', '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items())))
+
+
+_COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    'info': info, 'train': train}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -94,7 +113,7 @@ def main(argv: Sequence[str]) -> None:
     _fail('--config is required, e.g. --config=configs/t5_1_1_small.py')
   try:
     _COMMANDS[command](_CONFIG.value)
-  except ValueError as e:
+  except (ValueError, KeyError, FileNotFoundError, trainer.NonFiniteLossError) as e:
     _fail(str(e))
 
 

@@ -332,7 +332,12 @@ class DecoderOnly(_Transformer):
 
   def embed(self, decoder_input_tokens: Array, decoder_segment_ids: Array | None = None
             ) -> Array:
-    """Mean-pooled final hidden states over non-padding tokens, float32 [b, embed]."""
+    """Mean-pooled final hidden states over non-padding tokens, float32 [b, embed].
+
+    Without segment ids, token id 0 marks padding (one segment of the nonzero tokens).
+    """
+    if decoder_segment_ids is None:
+      decoder_segment_ids = (decoder_input_tokens > 0).astype(jnp.int32)
     y, valid = self.hidden_states(decoder_input_tokens, decoder_segment_ids=decoder_segment_ids)
     return _mean_pool(y, valid)
 

@@ -1,0 +1,140 @@
+"""Device mesh and logical-axis rules: the one module that knows the mesh axis names.
+
+The mesh has axes `data` (pure data parallelism), `fsdp` (data parallelism with params and
+optimizer state sharded over it) and `model` (tensor parallelism). Models name their axes
+logically (`batch`, `embed`, `mlp`, ...); the rules below map those names onto mesh axes.
+"""
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'model')
+
+# Earlier rules win a mesh axis: activations [batch, length, embed] take fsdp for the batch,
+# so `embed` stays unsharded there, while params (which have no batch axis) shard embed on fsdp.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'model'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('kv_heads', 'model'),
+    ('joined_kv', 'model'),
+    ('embed', 'fsdp'),
+    ('kv', None),
+    ('length', None),
+    ('layers', None),
+    ('relpos_buckets', None),
+)
+
+
+def logical_rules(overrides: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
+  """The default rules with `overrides` (logical name -> mesh axis, axes or None) applied."""
+  overrides = dict(overrides or {})
+  unknown = sorted(set(overrides) - {name for name, _ in DEFAULT_RULES})
+  if unknown:
+    raise ValueError(f'Unknown logical axis name(s) {unknown} in axis rules; known: '
+                     f'{[name for name, _ in DEFAULT_RULES]}')
+  for name, target in overrides.items():
+    for axis in (target,) if isinstance(target, str) else (target or ()):
+      if axis not in MESH_AXES:
+        raise ValueError(f'Axis rule {name} -> {target!r} names unknown mesh axis {axis!r}; '
+                         f'mesh axes are {MESH_AXES}')
+  return tuple((name, _as_rule(overrides.get(name, target))) for name, target in DEFAULT_RULES)
+
+
+def _as_rule(target: Any) -> Any:
+  return tuple(target) if isinstance(target, (list, tuple)) else target
+
+
+def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, model) mesh; one entry of `mesh_shape` may be -1 to take the rest."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(mesh_shape)
+  if len(shape) != len(MESH_AXES) or shape.count(-1) > 1 or any(
+      s == 0 or s < -1 for s in shape):
+    raise ValueError(f'mesh_shape={tuple(mesh_shape)} must give {len(MESH_AXES)} sizes for '
+                     f'{MESH_AXES}, positive or one -1 to fill.')
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f'mesh_shape={tuple(mesh_shape)} cannot fill {len(devices)} devices: '
+                       f'{len(devices)} is not a multiple of {known}.')
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f'mesh_shape={tuple(mesh_shape)} needs {int(np.prod(shape))} devices but '
+                     f'{len(devices)} are available; use -1 for one axis to fill.')
+  # Auto axes: shardings flow from jit's in/out shardings and the logical constraints.
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
+
+
+class Partitioner:
+  """Turns logical axis names into `NamedSharding`s on one mesh."""
+
+  def __init__(self, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    self.mesh = mesh
+    self.rules = tuple(rules)
+
+  @property
+  def data_parallel_size(self) -> int:
+    """How many ways the batch is split."""
+    return self.mesh.shape['data'] * self.mesh.shape['fsdp']
+
+  @contextlib.contextmanager
+  def activate(self) -> Iterator[None]:
+    """Scope in which the models' logical activation constraints take effect."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+    """The sharding of one array whose dims have these logical names."""
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), self.rules)
+    return NamedSharding(self.mesh, spec)
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def boxed_shardings(self, boxed_tree: Any) -> Any:
+    """Shardings for a tree whose leaves are `nn.LogicallyPartitioned` (or plain) values."""
+    return jax.tree.map(
+        lambda x: (self.sharding(x.names) if isinstance(x, nn.LogicallyPartitioned)
+                   else self.replicated()),
+        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+  def matching_shardings(self, tree: Any, params: Any, param_shardings: Any) -> Any:
+    """Shardings for an optimizer state: a leaf shaped like the param whose path it contains
+    gets that param's sharding; anything else (factored moments, counters) is replicated."""
+    by_path = {}
+    for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(params),
+                            jax.tree.leaves(param_shardings)):
+      by_path[_keys(path)] = (p.shape, s)
+
+    def pick(path, leaf):
+      keys = _keys(path)
+      for start in range(len(keys)):
+        for end in range(len(keys), start, -1):
+          shape_and_sharding = by_path.get(keys[start:end])
+          if shape_and_sharding and shape_and_sharding[0] == leaf.shape:
+            return shape_and_sharding[1]
+      return self.replicated()
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+  def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+    """[batch, length, ...] arrays: batch over the data-parallel axes."""
+    return self.sharding(('batch',) + (None,) * (ndim - 1))
+
+  def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each process's slice of the batch into global sharded arrays."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding(v.ndim), v)
+            for k, v in local_batch.items()}
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
