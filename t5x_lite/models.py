@@ -60,7 +60,8 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.head_dim == 0:
-      _check(self.d_model > 0 and self.num_heads > 0 and self.d_model % self.num_heads == 0,
+      _check(self.d_model > 0, 'd_model', self.d_model, 'a positive integer')
+      _check(self.num_heads > 0 and self.d_model % self.num_heads == 0,
              'num_heads', self.num_heads,
              f'a positive divisor of d_model={self.d_model} when head_dim=0')
       object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
