@@ -210,6 +210,12 @@ class Attention(nn.Module):
 
   T5 leaves out the 1/sqrt(head_dim) logit scale and folds it into the query init instead
   (`scale_logits=False`); Llama scales at run time (`scale_logits=True`).
+
+  With `decode=True` keys and values live in the 'cache' collection, every leaf with the
+  batch first: a first call on the full-length input creates the cache (and, for
+  cross-attention, stores the projected encoder keys/values once); each later call takes
+  one token, writes its key/value at the cache index, and reads row `index` of the full
+  [length, length] `bias`.
   """
 
   num_heads: int
@@ -220,9 +226,11 @@ class Attention(nn.Module):
   dropout_rate: float = 0.0
   deterministic: bool = True
   dtype: jnp.dtype = jnp.float32
+  is_cross: bool = False
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array,
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None, bias: Array,
                query_positions: Array | None = None,
                key_positions: Array | None = None) -> Array:
     """Attends `inputs_q` [b, q, embed] to `inputs_kv` [b, k, embed] with an additive
@@ -232,11 +240,21 @@ class Attention(nn.Module):
     query_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
     q = dense((self.num_heads, self.head_dim), ('embed', 'heads', 'kv'), 'query',
               init_scale=query_scale)(inputs_q)
-    k = dense((self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'kv'), 'key')(inputs_kv)
-    v = dense((self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'kv'), 'value')(inputs_kv)
+    kv_shape = (self.num_kv_heads, self.head_dim)
+    step = self.decode and self.has_variable('cache', 'cache_index')
+    if step and self.is_cross:
+      k, v = self.get_variable('cache', 'cross_key'), self.get_variable('cache', 'cross_value')
+    else:
+      k = dense(kv_shape, ('embed', 'kv_heads', 'kv'), 'key')(inputs_kv)
+      v = dense(kv_shape, ('embed', 'kv_heads', 'kv'), 'value')(inputs_kv)
+    if step and not self.is_cross:
+      query_positions = key_positions = self.get_variable('cache', 'cache_index')[:, None]
     if self.rope_theta is not None:
       q = apply_rope(q, query_positions, self.rope_theta)
-      k = apply_rope(k, key_positions, self.rope_theta)
+      if not (step and self.is_cross):
+        k = apply_rope(k, key_positions, self.rope_theta)
+    if self.decode:
+      k, v, bias = self._use_cache(k, v, bias, step)
     if self.scale_logits:
       q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
     q = constrain(q, ('batch', 'length', 'heads', 'kv'))
@@ -255,6 +273,31 @@ class Attention(nn.Module):
     out = constrain(out.reshape(batch, q_len, self.num_heads, self.head_dim),
                     ('batch', 'length', 'heads', 'kv'))
     return dense(inputs_q.shape[-1], ('heads', 'kv', 'embed'), 'out', num_in_axes=2)(out)
+
+  def _use_cache(self, k: Array, v: Array, bias: Array, step: bool
+                 ) -> tuple[Array, Array, Array]:
+    """Creates the cache (first call) or writes one step into it; returns the keys,
+    values and bias to attend with."""
+    if self.is_cross:
+      if not step:
+        self.put_variable('cache', 'cross_key', k)
+        self.put_variable('cache', 'cross_value', v)
+        self.put_variable('cache', 'cache_index', jnp.zeros(k.shape[:1], jnp.int32))
+      return k, v, bias
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    index = self.variable('cache', 'cache_index', jnp.zeros, k.shape[:1], jnp.int32)
+    if not step:
+      return k, v, bias
+    i = index.value[0]  # every row decodes in lockstep
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+    index.value = index.value + 1
+    length = cached_k.value.shape[1]
+    row = jax.lax.dynamic_slice_in_dim(
+        jnp.broadcast_to(bias, bias.shape[:-2] + (length, length)), i, 1, axis=-2)
+    visible = jnp.arange(length) <= i  # keys written so far
+    return cached_k.value, cached_v.value, row + jnp.where(visible, 0.0, NEG_INF)
 
 
 class MLP(nn.Module):

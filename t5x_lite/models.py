@@ -118,6 +118,7 @@ class TransformerBlock(nn.Module):
   config: ModelConfig
   cross_attention: bool = False
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, self_bias: Array, positions: Array | None,
@@ -126,17 +127,17 @@ class TransformerBlock(nn.Module):
     cfg = self.config
     dtype = cfg.activation_dtype
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
-    attention = lambda name, theta: layers.Attention(
+    attention = lambda name, theta, is_cross: layers.Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.scale_attention_logits, theta,
-        cfg.dropout_rate, self.deterministic, dtype, name=name)
+        cfg.dropout_rate, self.deterministic, dtype, is_cross, self.decode, name=name)
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, dtype, name=name)
     rope_theta = cfg.rope_theta if cfg.position_embedding == 'rope' else None
 
     h = norm('pre_self_attention_norm')(x)
-    x = x + dropout(attention('self_attention', rope_theta)(h, h, self_bias, positions, positions))
+    x = x + dropout(attention('self_attention', rope_theta, False)(h, h, self_bias, positions, positions))
     if self.cross_attention:
       h = norm('pre_cross_attention_norm')(x)
-      x = x + dropout(attention('cross_attention', None)(h, encoded, cross_bias))
+      x = x + dropout(attention('cross_attention', None, True)(h, encoded, cross_bias))
     h = norm('pre_mlp_norm')(x)
     mlp = layers.MLP(cfg.d_ff, cfg.activations, cfg.dropout_rate, self.deterministic, dtype,
                      name='mlp')
@@ -154,7 +155,7 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x: Array, self_bias: Array, positions: Array | None,
                encoded: Array | None = None, cross_bias: Array | None = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, decode: bool = False) -> Array:
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate)
     x = dropout(x, deterministic=deterministic)
@@ -165,13 +166,16 @@ class Stack(nn.Module):
     args = (self_bias, positions, encoded, cross_bias)
     if cfg.scan_layers:
       scanned = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          # The cache stacks layers on axis 1 so that every cache leaf keeps the batch first.
+          block, variable_axes={'params': 0, 'cache': 1},
+          split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = scanned(cfg, self.cross_attention, deterministic, name='layers')(x, *args)
+      x, _ = scanned(cfg, self.cross_attention, deterministic, decode, name='layers')(x, *args)
     else:
       for i in range(self.num_layers):
-        x, _ = block(cfg, self.cross_attention, deterministic, name=f'layers_{i}')(x, *args)
+        x, _ = block(cfg, self.cross_attention, deterministic, decode,
+                     name=f'layers_{i}')(x, *args)
     x = layers.RMSNorm(cfg.norm_eps, cfg.activation_dtype, name='final_norm')(x)
     return dropout(x, deterministic=deterministic)
 
@@ -224,6 +228,20 @@ class _Transformer(nn.Module):
       bias = bias + relpos(mask.shape[2], mask.shape[3])
     return bias
 
+  @staticmethod
+  def _decoder_valid(tokens: Array, target_tokens: Array | None, segment_ids: Array | None,
+                     decode: bool, max_decode_length: int | None) -> tuple[Array, Array]:
+    """Non-padding masks for the self-attention keys [b, length] and this call's queries.
+
+    While decoding, every position of the cache is a real token: the keys span the whole
+    `max_decode_length` and the causal mask hides the ones not yet written.
+    """
+    if not decode:
+      valid = _valid(target_tokens, segment_ids, tokens.shape)
+      return valid, valid
+    length = max_decode_length or tokens.shape[1]
+    return jnp.ones((tokens.shape[0], length), bool), jnp.ones(tokens.shape, bool)
+
   def _embed_tokens(self, tokens: Array) -> Array:
     return layers.constrain(self.token_embedder(tokens), ('batch', 'length', 'embed'))
 
@@ -260,21 +278,30 @@ class EncoderDecoder(_Transformer):
     x = self._embed_tokens(encoder_input_tokens)
     return self.encoder(x, bias, positions, deterministic=deterministic)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             decoder_target_tokens: Array | None = None,
+  def decode(self, encoded: Array | None, encoder_input_tokens: Array,
+             decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
              encoder_segment_ids: Array | None = None,
              decoder_segment_ids: Array | None = None,
-             decoder_positions: Array | None = None, *, deterministic: bool = True) -> Array:
-    """Decoder logits, float32 [b, l_out, vocab], attending to `encoded`."""
-    valid = _valid(decoder_target_tokens, decoder_segment_ids, decoder_input_tokens.shape)
-    self_mask = layers.attention_mask(valid, valid, decoder_segment_ids, decoder_segment_ids,
-                                      causal=True)
-    cross_mask = layers.attention_mask(valid, encoder_input_tokens > 0,
+             decoder_positions: Array | None = None, *, deterministic: bool = True,
+             decode: bool = False, max_decode_length: int | None = None) -> Array:
+    """Decoder logits, float32 [b, l_out, vocab], attending to `encoded`.
+
+    With `decode=True` (a mutable 'cache'), a first call on a full-length
+    [b, max_decode_length] input creates the cache, storing the cross-attention keys and
+    values of `encoded`; each later call takes one token [b, 1] (and `encoded=None`).
+    """
+    self_valid, query_valid = self._decoder_valid(
+        decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decode,
+        max_decode_length)
+    self_mask = layers.attention_mask(self_valid, self_valid, decoder_segment_ids,
+                                      decoder_segment_ids, causal=True)
+    cross_mask = layers.attention_mask(query_valid, encoder_input_tokens > 0,
                                        decoder_segment_ids, encoder_segment_ids)
     positions = _default_positions(decoder_positions, decoder_input_tokens)
     y = self.decoder(self._embed_tokens(decoder_input_tokens),
                      self._self_bias(self.decoder_relpos, self_mask), positions,
-                     encoded, layers.mask_to_bias(cross_mask), deterministic=deterministic)
+                     encoded, layers.mask_to_bias(cross_mask), deterministic=deterministic,
+                     decode=decode)
     return self._logits(y)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
@@ -310,25 +337,32 @@ class DecoderOnly(_Transformer):
                     decoder_segment_ids: Array | None = None,
                     decoder_positions: Array | None = None,
                     decoder_causal_attention: Array | None = None, *,
-                    deterministic: bool = True) -> tuple[Array, Array]:
+                    deterministic: bool = True, decode: bool = False,
+                    max_decode_length: int | None = None) -> tuple[Array, Array]:
     """Final-norm hidden states [b, l, embed] and the non-padding mask [b, l]."""
-    valid = _valid(decoder_target_tokens, decoder_segment_ids, decoder_input_tokens.shape)
+    valid, query_valid = self._decoder_valid(
+        decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decode,
+        max_decode_length)
     mask = layers.attention_mask(valid, valid, decoder_segment_ids, decoder_segment_ids,
                                  causal=True, bidirectional_prefix=decoder_causal_attention)
     positions = _default_positions(decoder_positions, decoder_input_tokens)
     y = self.decoder(self._embed_tokens(decoder_input_tokens),
-                     self._self_bias(self.relpos, mask), positions, deterministic=deterministic)
-    return y, valid
+                     self._self_bias(self.relpos, mask), positions, deterministic=deterministic,
+                     decode=decode)
+    return y, query_valid
 
   def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
                decoder_segment_ids: Array | None = None,
                decoder_positions: Array | None = None,
                decoder_causal_attention: Array | None = None, *,
-               deterministic: bool = True) -> Array:
-    """Next-token logits, float32 [b, l, vocab]."""
+               deterministic: bool = True, decode: bool = False,
+               max_decode_length: int | None = None) -> Array:
+    """Next-token logits, float32 [b, l, vocab]; `decode` works as in
+    `EncoderDecoder.decode` (the cache's first call takes the full-length input)."""
     y, _ = self.hidden_states(decoder_input_tokens, decoder_target_tokens,
                               decoder_segment_ids, decoder_positions,
-                              decoder_causal_attention, deterministic=deterministic)
+                              decoder_causal_attention, deterministic=deterministic,
+                              decode=decode, max_decode_length=max_decode_length)
     return self._logits(y)
 
   def embed(self, decoder_input_tokens: Array, decoder_segment_ids: Array | None = None
