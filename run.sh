@@ -25,10 +25,9 @@ install() {  # $1: pip extras, e.g. "[test]"
 case "$job" in
   quickstart)
     install ""
-    for config in t5_1_1_small llama2_7b; do
-      echo "== $config"
-      .venv/bin/python -m t5x_lite.main info --config="configs/$config.py"
-    done
+    .venv/bin/python -m t5x_lite.main info --config=configs/quickstart.py
+    .venv/bin/python -m t5x_lite.main train --config=configs/quickstart.py \
+        --workdir=runs/quickstart
     ;;
   test)
     install "[test]"

@@ -24,8 +24,13 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int | None = 3,
                async_save: bool = True):
+    # Orbax's default policy would also save the first step of a fresh run; we save only
+    # multiples of `save_every` (and on a preemption Orbax detects).
+    policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=True,
+        save_decision_policy=policy, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 

@@ -84,6 +84,24 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
   config.data.pack = True  # several examples per row
   config.data.shuffle = True  # reshuffled every epoch
   config.data.num_workers = 0  # input worker processes (0: in the training process)
+
+  config.eval = ml_collections.ConfigDict()  # eval / infer / score, and eval during training
+  config.eval.task = ''  # task evaluated ('' = data.task; a mixture needs one of its tasks)
+  config.eval.split = 'validation'  # the split decoded and scored
+  config.eval.num_examples = 0  # the first this many examples (0 = all)
+  config.eval.batch_size = 32  # examples per batch (rounded up to the data-parallel size)
+  config.eval.every_steps = 0  # during training: evaluate every this many steps (0 = never)
+  config.eval.method = 'greedy'  # 'greedy', 'sample' or 'beam'
+  config.eval.max_decode_length = 64  # generated tokens at most
+  config.eval.num_beams = 4  # beam search width
+  config.eval.alpha = 0.6  # beam search length penalty exponent
+  config.eval.temperature = 1.0  # sampling temperature
+  config.eval.top_k = 0  # sample among the k likeliest tokens (0 = all)
+  config.eval.top_p = 1.0  # nucleus sampling mass
+  config.eval.seed = 0  # sampling and few-shot draw seed
+  config.eval.few_shot_k = 0  # decoder-only: prepend k solved examples to each input
+  config.eval.few_shot_split = 'train'  # where those examples come from
+  config.eval.candidates = ''  # comma-separated answers: rank-classify instead of decoding
   return config
 
 

@@ -1,8 +1,9 @@
 """Command line: `python -m t5x_lite.main COMMAND --config=configs/X.py [--config.a.b=v]`.
 
 Commands: info (model summary and parameter counts), train (resumes from --workdir when it
-holds checkpoints); eval, infer, score, export and convert are named here and report plainly
-that they have not landed yet.
+holds checkpoints); infer, score and eval (predictions, target log-likelihoods and task
+metrics on `eval.split` from --workdir's newest checkpoint); export and convert are named
+here and report plainly that they have not landed yet.
 """
 
 import logging
@@ -16,7 +17,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import models, trainer
+from t5x_lite import models, plots, trainer
+from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file; override fields with --config.a.b=value.',
@@ -80,17 +82,55 @@ def train(config: ml_collections.ConfigDict) -> None:
   workdir = _WORKDIR.value
   if not workdir:
     _fail('--workdir is required for train, e.g. --workdir=runs/my_run')
+  # A bad mesh, batch size or task fails here, before the workdir is touched.
+  trainer.setup_distributed(config)
+  trainer.setup_partitioner(config)
+  tasks.get(config.data.task)
   try:
     os.makedirs(workdir, exist_ok=True)
-    config_path = os.path.join(workdir, 'config.json')
-    with open(config_path + '.tmp', 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(config_path + '.tmp', config_path)
+    if jax.process_index() == 0:
+      config_path = os.path.join(workdir, 'config.json')
+      with open(config_path + '.tmp', 'w', encoding='utf-8') as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      os.replace(config_path + '.tmp', config_path)
   except OSError as e:
     _fail(f'cannot write to workdir {workdir!r} ({e.strerror}); choose a writable directory.')
   metrics = trainer.train(config, workdir)
   if jax.process_index() == 0:
     print('final: ' + ', '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items())))
+    print(f'loss curve: {plots.plot_loss_curve(workdir)}')
+
+
+def _checkpoint_workdir(command: str, config: ml_collections.ConfigDict) -> str:
+  """--workdir, required; joins a multi-process run first, as train does."""
+  workdir = _WORKDIR.value
+  if not workdir:
+    _fail(f'--workdir is required for {command}: the workdir of a train run')
+  trainer.setup_distributed(config)
+  return workdir
+
+
+def infer(config: ml_collections.ConfigDict) -> None:
+  """Writes <workdir>/infer_<task>_<split>.jsonl: input, target and prediction per example."""
+  path, count = evaluation.run_infer(config, _checkpoint_workdir('infer', config))
+  if jax.process_index() == 0:
+    print(f'wrote {count} predictions to {path}')
+
+
+def score(config: ml_collections.ConfigDict) -> None:
+  """Writes <workdir>/score_<task>_<split>.jsonl: each example's target log-likelihood."""
+  path, mean = evaluation.run_score(config, _checkpoint_workdir('score', config))
+  if jax.process_index() == 0:
+    print(f'wrote scores to {path}; mean log-likelihood {mean:.4f}')
+
+
+def evaluate(config: ml_collections.ConfigDict) -> None:
+  """Prints the task's metrics and logs them (prefix 'eval') in the workdir."""
+  metrics, step = evaluation.run_eval(config, _checkpoint_workdir('eval', config))
+  if jax.process_index() == 0:
+    print(f'{config.eval.task or config.data.task} {config.eval.split} at step {step}:')
+    for name, value in sorted(metrics.items()):
+      print(f'  {name:<24} {value:>10.4f}')
 
 
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {

@@ -4,6 +4,7 @@ Reads top to bottom like flax's wmt example: set up devices and the mesh, the mo
 optimizer, the state (fresh, resumed or initialised from another run), the data, then loop.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -103,7 +104,8 @@ def train_step(state: TrainState, batch: Mapping[str, Array], base_rng: Array, *
   metrics.update(grad_norm=losses.global_norm(grads), param_norm=losses.global_norm(params))
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
   if options.skip_nonfinite:
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+              & jnp.isfinite(metrics['param_norm']))  # the update itself may overflow
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = kept.replace(step=state.step + 1)
     metrics['skipped'] = 1 - finite.astype(jnp.int32)
@@ -111,8 +113,11 @@ def train_step(state: TrainState, batch: Mapping[str, Array], base_rng: Array, *
 
 
 def setup_distributed(config: ml_collections.ConfigDict) -> None:
-  """Joins a multi-process run (`jax.distributed`) when the config asks for one."""
+  """Joins a multi-process run (`jax.distributed`) when the config asks for one; a no-op
+  once joined (the CLI joins early, to validate the mesh before writing to the workdir)."""
   dist = config.distributed
+  if jax.distributed.is_initialized():
+    return
   if dist.num_processes > 1:
     jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
     jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
@@ -165,16 +170,20 @@ def init_state(model: nn.Module, model_config: models.ModelConfig,
   return jax.jit(init, out_shardings=shardings)(rng, params)
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can save and stop between steps."""
+class _Preemption(contextlib.AbstractContextManager):
+  """Remembers a SIGTERM so the loop can save and stop between steps; the previous handler
+  comes back on exit (train() may run inside a longer-lived process)."""
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def __exit__(self, *exc_info):
+    signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -232,17 +241,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   flops_per_token = _flops_per_token(config, model_config)
   schedule = optimizers.make_schedule_from_config(
       _with_total_steps(config.optimizer, config.train.num_steps))
-  preemption = _Preemption()
   metrics, last = {}, {}
   tick, tokens = time.time(), 0
-  with partitioner.activate():
+  with partitioner.activate(), _finishing(checkpointer, logger), _Preemption() as preemption:
     for step in range(int(state.step), config.train.num_steps):
       local = next(batches)
       tokens += int(np.sum(local['decoder_loss_weights'] > 0)) * jax.process_count()
       state, metrics = step_fn(state, partitioner.shard_batch(local), dropout_rng)
       done = step + 1
-      saving = (checkpointer.should_save(done) or preemption.requested
-                or done == config.train.num_steps)
+      stopping = preemption.requested  # read once: a SIGTERM may land mid-iteration
+      saving = checkpointer.should_save(done) or stopping or done == config.train.num_steps
       if saving:
         _check_finite(jax.device_get(metrics), done, config.train.nan_policy)
       if done % config.train.log_every == 0 or done == config.train.num_steps:
@@ -256,12 +264,22 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         logger.write(done, last)
       if saving:
         checkpointer.save(done, state, batches.get_state(), force=True)
-      if preemption.requested:
+      if stopping:
         break
-  checkpointer.wait()
-  checkpointer.close()
-  logger.close()
   return last
+
+
+@contextlib.contextmanager
+def _finishing(checkpointer: checkpoints.Checkpointer,
+               logger: logging_utils.MetricLogger) -> Iterator[None]:
+  """Finishes pending asynchronous saves and closes the logs when the loop ends, also on an
+  error such as the NaN guard's: the last good checkpoint must not be left half-written."""
+  try:
+    yield
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    logger.close()
 
 
 def _with_total_steps(optimizer: ml_collections.ConfigDict, num_steps: int) -> dict[str, Any]:
@@ -272,10 +290,13 @@ def _with_total_steps(optimizer: ml_collections.ConfigDict, num_steps: int) -> d
 
 
 def _check_finite(metrics: Mapping[str, float], step: int, policy: str) -> None:
-  if policy == 'stop' and not (np.isfinite(metrics['loss']) and
-                               np.isfinite(metrics['grad_norm'])):
+  # param_norm is that of the updated params, the state about to be saved: an overflowing
+  # update can make them non-finite while the step's loss and gradients are still finite.
+  names = ('loss', 'grad_norm', 'param_norm')
+  if policy == 'stop' and not all(np.isfinite(metrics[name]) for name in names):
+    values = ' '.join(f'{name}={metrics[name]}' for name in names)
     raise NonFiniteLossError(
-        f'loss={metrics["loss"]} grad_norm={metrics["grad_norm"]} at step {step}: stopping '
+        f'{values} at step {step}: stopping '
         'without saving this state (set train.nan_policy="skip" to skip such updates).')
 
 
