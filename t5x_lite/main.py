@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import models, plots, trainer
+from t5x_lite import evaluation, models, plots, trainer
 from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,9 +28,6 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and l
 
 # Subcommands whose issue has not landed: name -> what brings them.
 _PLANNED = {
-    'eval': 'inference and evaluation (issue #6)',
-    'infer': 'inference and evaluation (issue #6)',
-    'score': 'inference and evaluation (issue #6)',
     'export': 'Hugging Face interop (issue #7)',
     'convert': 'Hugging Face interop (issue #7)',
 }
@@ -134,12 +132,15 @@ def evaluate(config: ml_collections.ConfigDict) -> None:
 
 
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    'info': info, 'train': train}
+    'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate}
 
 
 def main(argv: Sequence[str]) -> None:
-  # jax logs its probe for absent TPU/GPU backends at INFO; that is noise on a CPU host.
+  # jax's probe for absent TPU/GPU backends and Orbax's per-save progress log at INFO: noise
+  # unless asked for with --verbosity.
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
+  if not flags.FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
   commands = sorted([*_COMMANDS, *_PLANNED])
   if len(argv) != 2:
     _fail(f'expected one command, got {argv[1:]}; usage: python -m t5x_lite.main '

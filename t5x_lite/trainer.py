@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from t5x_lite import checkpoints, losses, models, optimizers, partitioning
+from t5x_lite import checkpoints, evaluation, losses, models, optimizers, partitioning
 from t5x_lite import config as config_lib
 from t5x_lite import logging_utils
 from t5x_lite.data import pipeline
@@ -241,6 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   flops_per_token = _flops_per_token(config, model_config)
   schedule = optimizers.make_schedule_from_config(
       _with_total_steps(config.optimizer, config.train.num_steps))
+  evaluator = setup_evaluator(config, model, partitioner)
   metrics, last = {}, {}
   tick, tokens = time.time(), 0
   with partitioner.activate(), _finishing(checkpointer, logger), _Preemption() as preemption:
@@ -262,11 +263,24 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                  config.train.peak_flops_per_device, jax.device_count())
         tokens = 0
         logger.write(done, last)
+      if evaluator is not None and done % config.eval.every_steps == 0:
+        eval_start = time.time()
+        logger.write(done, evaluator.evaluate(state.params).metrics, prefix='eval')
+        tick += time.time() - eval_start  # keep eval time out of the training throughput
       if saving:
         checkpointer.save(done, state, batches.get_state(), force=True)
       if stopping:
         break
   return last
+
+
+def setup_evaluator(config: ml_collections.ConfigDict, model: nn.Module,
+                    partitioner: partitioning.Partitioner) -> evaluation.Evaluator | None:
+  """The evaluator run every `eval.every_steps` steps (None when 0); built before the loop,
+  so a bad eval config fails before any training."""
+  if not config.eval.every_steps:
+    return None
+  return evaluation.evaluator_from_config(config, model, partitioner)
 
 
 @contextlib.contextmanager
