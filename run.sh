@@ -28,6 +28,8 @@ case "$job" in
     .venv/bin/python -m t5x_lite.main info --config=configs/quickstart.py
     .venv/bin/python -m t5x_lite.main train --config=configs/quickstart.py \
         --workdir=runs/quickstart
+    .venv/bin/python -m t5x_lite.main eval --config=configs/quickstart.py \
+        --workdir=runs/quickstart
     ;;
   test)
     install "[test]"
