@@ -608,13 +608,49 @@ def run_score(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, flo
   return path, float(np.mean(scores))
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, float], int]:
+@dataclasses.dataclass
+class EvalReport:
+  """What the eval command prints: the model's metrics next to a copy-the-input baseline's,
+  and a few example rows."""
+
+  step: int
+  num_examples: int
+  metrics: dict[str, float]
+  baseline: dict[str, float]
+  samples: list[dict[str, str]]
+
+
+def strip_task_prefix(text: str) -> str:
+  """The input without its T5-style "task prefix: " ("translate English to German: x" -> x),
+  which is what a copy-the-input baseline predicts."""
+  prefix, separator, rest = text.partition(': ')
+  return rest if separator and '\n' not in prefix else text
+
+
+def copy_input_baseline(task: tasks.Task, rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
+  """The task's metrics when each prediction is its own input with the task prefix removed:
+  the floor a trained model must clear (copying is not free in translation, whose text
+  shares names, numbers and menu paths with its source)."""
+  if not task.metric_fns:
+    return {}
+  scores = task.score([r['target'] for r in rows], [strip_task_prefix(r['input']) for r in rows])
+  return {k: float(v) for k, v in scores.items()}
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str, num_samples: int = 5
+             ) -> EvalReport:
   """The task metrics on the eval split, logged (prefix 'eval') to `metrics.jsonl` and
-  TensorBoard at the checkpoint's step; returns them and that step."""
+  TensorBoard at the checkpoint's step, with the predictions in
+  `<workdir>/eval_<task>_<split>.jsonl`; returns them with the copy-input baseline and
+  `num_samples` rows spread over the split."""
   evaluator, params, step = _setup(config, workdir)
-  metrics = evaluator.evaluate(params).metrics
+  result = evaluator.evaluate(params)
+  _write_jsonl(_output_path(workdir, 'eval', evaluator), result.rows)
   logger = logging_utils.MetricLogger(workdir, total_steps=step, initial_step=step,
                                       enabled=jax.process_index() == 0, prefix='eval')
-  logger.write(step, metrics)
+  logger.write(step, result.metrics)
   logger.close()
-  return metrics, step
+  stride = max(1, len(result.rows) // max(1, num_samples))
+  return EvalReport(step, len(result.rows), result.metrics,
+                    copy_input_baseline(evaluator.task, result.rows),
+                    result.rows[::stride][:num_samples])

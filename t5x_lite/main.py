@@ -123,12 +123,19 @@ def score(config: ml_collections.ConfigDict) -> None:
 
 
 def evaluate(config: ml_collections.ConfigDict) -> None:
-  """Prints the task's metrics and logs them (prefix 'eval') in the workdir."""
-  metrics, step = evaluation.run_eval(config, _checkpoint_workdir('eval', config))
-  if jax.process_index() == 0:
-    print(f'{config.eval.task or config.data.task} {config.eval.split} at step {step}:')
-    for name, value in sorted(metrics.items()):
-      print(f'  {name:<24} {value:>10.4f}')
+  """Prints the task's metrics beside a copy-the-input baseline, and sample predictions;
+  logs the metrics (prefix 'eval') and writes every prediction in the workdir."""
+  report = evaluation.run_eval(config, _checkpoint_workdir('eval', config))
+  if jax.process_index() != 0:
+    return
+  print(f'{config.eval.task or config.data.task} {config.eval.split} '
+        f'({report.num_examples} examples) at step {report.step}:')
+  print(f'  {"metric":<20} {"model":>10} {"copy input":>12}')
+  for name, value in sorted(report.metrics.items()):
+    print(f'  {name:<20} {value:>10.4f} {report.baseline.get(name, float("nan")):>12.4f}')
+  for row in report.samples:
+    print(f'\n  input:      {row["input"]}\n  target:     {row["target"]}\n'
+          f'  prediction: {row["prediction"]}')
 
 
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {

@@ -250,6 +250,19 @@ def _config(**eval_fields):
   return config
 
 
+def test_copy_input_baseline_scores_the_input_without_its_task_prefix():
+  assert evaluation.strip_task_prefix('translate English to German: 11: Division') == (
+      '11: Division')
+  assert evaluation.strip_task_prefix('no prefix here') == 'no prefix here'
+  task = tasks.get('sentiment_rt')  # accuracy and macro-F1 over normalized labels
+  rows = [{'input': 'sentiment: positive', 'target': 'positive'},
+          {'input': 'sentiment: Negative ', 'target': 'negative'},
+          {'input': 'sentiment: great film', 'target': 'positive'},
+          {'input': 'sentiment: negative', 'target': 'positive'}]
+  baseline = evaluation.copy_input_baseline(task, rows)
+  assert baseline['accuracy'] == pytest.approx(50.0)
+
+
 def test_load_params_errors(tmp_path):
   config = _config()
   partitioner = evaluation.make_partitioner(config)
@@ -331,7 +344,11 @@ def test_cli_train_with_eval_then_infer_score_eval(tmp_path):
   scored = [json.loads(l) for l in
             (workdir / 'score_translate_en_de_validation.jsonl').read_text().splitlines()]
   assert len(scored) == 3 and all(r['log_likelihood'] < 0 for r in scored)
-  assert 'bleu' in evaluate[1]
+  assert 'bleu' in evaluate[1] and 'copy input' in evaluate[1]
+  assert evaluate[1].count('prediction: ') == 3  # 5 samples asked, the split has 3
+  evaluated = [json.loads(l) for l in
+               (workdir / 'eval_translate_en_de_validation.jsonl').read_text().splitlines()]
+  assert [r['target'] for r in evaluated] == [r['target'] for r in rows]
   records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert records[-1]['split'] == 'eval' and records[-1]['step'] == 4
   assert math.isfinite(records[-1]['bleu'])
