@@ -77,11 +77,13 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
 
   config.data = ml_collections.ConfigDict()
   config.data.task = 'translate_en_de'  # a registered task or mixture (t5x_lite.data.tasks)
+  config.data.vocabulary = ''  # a SentencePiece .model for every feature ('' = the task's)
   config.data.split = 'train'  # the split trained on
   config.data.feature_lengths = ml_collections.ConfigDict({'inputs': 64, 'targets': 64})
   encoder_decoder = config.model.architecture == 'encoder_decoder'
   config.data.converter = 'enc_dec' if encoder_decoder else 'prefix_lm'  # or 'lm' (targets only)
   config.data.pack = True  # several examples per row
+  config.data.truncate = True  # over-long examples: cut to the feature lengths, or dropped
   config.data.shuffle = True  # reshuffled every epoch
   config.data.num_workers = 0  # input worker processes (0: in the training process)
 

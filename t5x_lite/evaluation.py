@@ -489,6 +489,7 @@ def eval_task(config: ml_collections.ConfigDict) -> tasks.Task:
   if isinstance(task, tasks.Mixture):
     raise ValueError(f'{name} is a mixture; evaluate one of its tasks with '
                      f'--config.eval.task=NAME (one of {", ".join(task.task_names)})')
+  task = tasks.with_vocabulary(task, config.data.vocabulary)
   if config.eval.few_shot_k:
     task = few_shot_task(task, config.eval.few_shot_k, shots_split=config.eval.few_shot_split,
                          seed=config.eval.seed)

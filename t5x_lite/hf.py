@@ -1,27 +1,28 @@
-"""Imports Hugging Face T5 and Llama checkpoints: their config and weights to ours.
+"""Hugging Face T5 and Llama checkpoints to ours and back: configs and weights.
 
 HF names each weight in a flat state dict; a table of `_Tensor` rules, built per model family
 from the config, says where each one goes in our params tree and how its layout changes. A
 torch `Linear` weight is `[out, in]`; our `DenseGeneral` kernels are `[in..., out...]`, so it
-is transposed and its flat dims split into heads where needed.
+is transposed and its flat dims split into heads where needed. The same rules run both ways:
+`params_from_source` reads any slice of our params from HF tensors (so each device of a mesh
+reads only its shard), `params_to_hf` writes our params as an HF state dict.
 """
 
 import dataclasses
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, NoReturn
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file
 
 from t5x_lite import models
 
 Params = dict[str, Any]
+Index = tuple[slice, ...]
 
 # T5's `feed_forward_proj` -> our MLP activations (HF's 'gated-gelu' is the tanh gelu).
 _T5_FEED_FORWARD = {'relu': ('relu',), 'gated-gelu': ('gelu', 'linear')}
@@ -34,9 +35,14 @@ _LLAMA_MLP = {'gate_proj': 'wi_0', 'up_proj': 'wi_1', 'down_proj': 'wo'}
 # Our kernels that contract more than one input axis: attention's output [heads, kv, embed].
 _KERNEL_IN_AXES = {'out': 2}
 
+_FLOAT_DTYPES = ('float16', 'bfloat16', 'float32', 'float64')
+
+# Fields that change no weight and no logit, carried over as they are on export.
+_RUN_FIELDS = ('dropout_rate', 'embedding_init_stddev', 'dtype', 'scan_layers', 'remat_policy')
+
 
 class _Tensor(NamedTuple):
-  """Where one HF tensor goes: a '/'-joined path into our params.
+  """Where one HF tensor goes: a '/'-joined path into our (unscanned) params.
 
   `linear_in_axes` > 0 marks a torch Linear weight [out, in], whose `in` becomes that many
   leading axes of our kernel and `out` the rest; 0 copies the tensor as it is.
@@ -48,12 +54,37 @@ class _Tensor(NamedTuple):
 
 
 class _Family(NamedTuple):
-  """How one HF model family's state dict maps onto our params."""
+  """How one HF model family maps onto our configs and params."""
 
+  model_type: str
+  from_hf: Callable[[Mapping[str, Any]], dict[str, Any]]  # HF config -> our config fields
+  to_hf: Callable[[models.ModelConfig], dict[str, Any]]  # and back
   embedding: str  # the HF token embedding
   tensors: Callable[[models.ModelConfig], list[_Tensor]]
   tied_copies: tuple[str, ...]  # HF tensors that must equal `embedding`; not loaded
   ignored: str  # regex of HF buffers that we recompute or never use
+  tokenizer_file: str  # the SentencePiece model's name in an HF directory
+
+
+class TensorSource:
+  """Named arrays read by slice: an in-memory state dict here, files in `hf_io`."""
+
+  def __init__(self, state_dict: Mapping[str, Any]):
+    self._arrays = {name: np.asarray(value) for name, value in state_dict.items()}
+
+  def names(self) -> set[str]:
+    return set(self._arrays)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._arrays[name].shape
+
+  def dtype(self, name: str) -> str:
+    """The dtype's name, e.g. 'bfloat16' or 'int64'."""
+    return str(self._arrays[name].dtype)
+
+  def read(self, name: str, index: Index) -> np.ndarray:
+    """The slice `index` of tensor `name`, in its stored dtype."""
+    return self._arrays[name][index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,11 +105,46 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> models.Mod
     ValueError: for an unsupported `model_type`, a missing field or a feature we lack.
   """
   model_type = hf_config.get('model_type')
-  if model_type not in _CONFIG_FIELDS:
+  if model_type not in _FAMILIES:
     raise ValueError(f'Unsupported HF model_type {model_type!r}; supported: '
-                     f'{sorted(_CONFIG_FIELDS)}.')
-  fields = _CONFIG_FIELDS[model_type](hf_config)
+                     f'{sorted(_FAMILIES)}.')
+  fields = _FAMILIES[model_type].from_hf(hf_config)
   return models.ModelConfig.from_dict({**fields, **overrides})
+
+
+def config_to_hf(config: models.ModelConfig) -> dict[str, Any]:
+  """Our model config as an HF `config.json` dict that `from_pretrained` reads.
+
+  Raises:
+    ValueError: naming each of our fields that the HF family cannot express (e.g. T5 with
+      RoPE, or Llama with T5's scaled tied logits).
+  """
+  family = _family(config)
+  hf_config = family.to_hf(config)
+  # Reading the HF config back must give our config: any field it changes is lost in HF.
+  unused = {name: getattr(config, name) for name in _unused_fields(config)}
+  back = config_from_hf(hf_config, **unused)
+  lost = [f.name for f in dataclasses.fields(config)
+          if getattr(back, f.name) != getattr(config, f.name)]
+  if lost:
+    raise ValueError(f'Cannot export to HF {family.model_type}: ' + ', '.join(
+        f'{name}={getattr(config, name)!r} (HF {family.model_type} has '
+        f'{getattr(back, name)!r})' for name in lost) + '.')
+  return hf_config
+
+
+def _unused_fields(config: models.ModelConfig) -> list[str]:
+  """Fields with no effect on this config's weights or logits."""
+  unused = list(_RUN_FIELDS)
+  if config.architecture == 'decoder_only':
+    unused.append('num_encoder_layers')
+  if config.position_embedding == 'rope':
+    unused += ['relative_attention_num_buckets', 'relative_attention_max_distance']
+  else:
+    unused.append('rope_theta')
+  if not config.logits_via_embedding:
+    unused.append('scale_tied_logits')
+  return unused
 
 
 def _field(hf_config: Mapping[str, Any], name: str) -> Any:
@@ -115,6 +181,27 @@ def _t5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
       scale_attention_logits=False, norm_eps=_field(hf, 'layer_norm_epsilon'))
 
 
+def _t5_to_hf(config: models.ModelConfig) -> dict[str, Any]:
+  feed_forward = {acts: name for name, acts in _T5_FEED_FORWARD.items()}.get(config.activations)
+  if feed_forward is None:
+    raise ValueError(f'Cannot export to HF t5: activations={config.activations!r}; must be '
+                     f'one of {sorted(_T5_FEED_FORWARD.values())}.')
+  tied = config.logits_via_embedding
+  return dict(
+      architectures=['T5ForConditionalGeneration'], model_type='t5',
+      vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.head_dim,
+      d_ff=config.d_ff, num_heads=config.num_heads, num_layers=config.num_encoder_layers,
+      num_decoder_layers=config.num_decoder_layers, feed_forward_proj=feed_forward,
+      relative_attention_num_buckets=config.relative_attention_num_buckets,
+      relative_attention_max_distance=config.relative_attention_max_distance,
+      dropout_rate=config.dropout_rate, layer_norm_epsilon=config.norm_eps,
+      # transformers < 5 unties the head on tie_word_embeddings=False; >= 5 always ties T5's
+      # config, takes the output scaling from these flags and keeps an lm_head.weight that
+      # is present and differs from shared.weight untied.
+      tie_word_embeddings=tied, scale_decoder_outputs=tied, is_encoder_decoder=True,
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
 def _llama_rope_theta(hf: Mapping[str, Any]) -> float:
   """RoPE base from `rope_parameters` (transformers >= 5) or older `rope_theta`/`rope_scaling`."""
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
@@ -136,18 +223,29 @@ def _llama_config(hf: Mapping[str, Any]) -> dict[str, Any]:
       architecture='decoder_only', vocab_size=_field(hf, 'vocab_size'), d_model=d_model,
       num_heads=num_heads, num_kv_heads=hf.get('num_key_value_heads') or num_heads,
       head_dim=hf.get('head_dim') or d_model // num_heads,
-      d_ff=_field(hf, 'intermediate_size'), num_decoder_layers=_field(hf, 'num_hidden_layers'),
-      activations=('silu', 'linear'), dropout_rate=0.0,
+      d_ff=_field(hf, 'intermediate_size'), num_encoder_layers=0,
+      num_decoder_layers=_field(hf, 'num_hidden_layers'), activations=('silu', 'linear'), dropout_rate=0.0,
       logits_via_embedding=bool(hf.get('tie_word_embeddings', False)),
       scale_tied_logits=False, position_embedding='rope', rope_theta=_llama_rope_theta(hf),
       scale_attention_logits=True, norm_eps=_field(hf, 'rms_norm_eps'))
 
 
-_CONFIG_FIELDS = {'t5': _t5_config, 'llama': _llama_config}
+def _llama_to_hf(config: models.ModelConfig) -> dict[str, Any]:
+  return dict(
+      architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=config.vocab_size,
+      hidden_size=config.d_model, intermediate_size=config.d_ff,
+      num_hidden_layers=config.num_decoder_layers, num_attention_heads=config.num_heads,
+      num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, hidden_act='silu',
+      rms_norm_eps=config.norm_eps, tie_word_embeddings=config.logits_via_embedding,
+      rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
+      rope_theta=config.rope_theta,  # where transformers < 5 reads it
+      attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2,
+      # RoPE has no length limit; HF wants one (generation defaults read it).
+      max_position_embeddings=4096)
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights.
+# Weight rules.
 
 
 def _linears(hf_prefix: str, path: str, names: Mapping[str, str]) -> list[_Tensor]:
@@ -207,11 +305,14 @@ def _llama_tensors(config: models.ModelConfig) -> list[_Tensor]:
   return tensors
 
 
-_T5 = _Family('shared.weight', _t5_tensors,
+_T5 = _Family('t5', _t5_config, _t5_to_hf, 'shared.weight', _t5_tensors,
               ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'),
-              r'decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight')
-_LLAMA = _Family('model.embed_tokens.weight', _llama_tensors, (),
-                 r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq')
+              r'decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight',
+              'spiece.model')
+_LLAMA = _Family('llama', _llama_config, _llama_to_hf, 'model.embed_tokens.weight',
+                 _llama_tensors, (), r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq',
+                 'tokenizer.model')
+_FAMILIES = {family.model_type: family for family in (_T5, _LLAMA)}
 
 
 def _family(config: models.ModelConfig) -> _Family:
@@ -224,55 +325,171 @@ def _family(config: models.ModelConfig) -> _Family:
   return families[layout]
 
 
+def tokenizer_file(config: models.ModelConfig) -> str:
+  """The name HF gives the SentencePiece model of this config's family."""
+  return _family(config).tokenizer_file
+
+
+_LAYER = re.compile(r'/layers_(\d+)/')
+
+
+def _leaf_rules(config: models.ModelConfig) -> dict[str, list[_Tensor]]:
+  """Our param path -> its HF tensors: one, or one per layer (in order) for scanned layers."""
+  rules = {}
+  for tensor in _family(config).tensors(config):
+    path = _LAYER.sub('/layers/', tensor.path) if config.scan_layers else tensor.path
+    rules.setdefault(path, []).append(tensor)
+  return rules
+
+
+def _is_scanned(config: models.ModelConfig, path: str) -> bool:
+  return config.scan_layers and '/layers/' in path
+
+
 def _hf_shape(tensor: _Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The HF shape of a tensor whose shape in our params is `shape`."""
+  """The HF shape of a tensor whose (per-layer) shape in our params is `shape`."""
   n = tensor.linear_in_axes
   return (math.prod(shape[n:]), math.prod(shape[:n])) if n else shape
 
 
-def _convert(tensor: _Tensor, value: Any, shape: tuple[int, ...]) -> np.ndarray:
-  """One HF tensor, checked against its expected shape, in our float32 layout."""
-  array = np.asarray(value, dtype=np.float32)
-  expected = _hf_shape(tensor, shape)
-  if array.shape != expected:
-    raise ValueError(f'HF tensor {tensor.hf_name!r} has shape {array.shape}; expected '
-                     f'{expected} (for {tensor.path} of shape {shape}).')
-  return array.T.reshape(shape) if tensor.linear_in_axes else array
+def _flat_shapes(config: models.ModelConfig,
+                 rules: Mapping[str, list[_Tensor]]) -> dict[str, tuple[int, ...]]:
+  """Our param path -> shape, checked to cover exactly the paths the rules fill."""
+  shapes = {path: leaf.shape for path, leaf in
+            traverse_util.flatten_dict(models.param_shapes(config), sep='/').items()}
+  if shapes.keys() != rules.keys():
+    raise ValueError(f'HF rules and model params differ at '
+                     f'{sorted(shapes.keys() ^ rules.keys())}.')
+  return shapes
 
 
-def _check_tied_copies(state_dict: Mapping[str, Any], family: _Family,
+# ----------------------------------------------------------------------------------------------
+# HF -> ours.
+
+
+def _check_source(source: TensorSource, config: models.ModelConfig,
+                  rules: Mapping[str, list[_Tensor]], shapes: Mapping[str, tuple[int, ...]]):
+  """Raises, naming the tensor and its expected HF shape, unless `source` holds every tensor
+  the rules need, as floats of the right shape, and nothing else but tied copies and buffers."""
+  family = _family(config)
+  expected = {}
+  for path, tensors in rules.items():
+    shape = shapes[path][1:] if _is_scanned(config, path) else shapes[path]
+    expected.update({t.hf_name: (_hf_shape(t, shape), t.path, shape) for t in tensors})
+  names = source.names()
+  missing = [name for name in expected if name not in names]
+  if missing:
+    listed = ', '.join(f'{name!r} (shape {expected[name][0]})' for name in missing[:3])
+    more = f' and {len(missing) - 3} more' if len(missing) > 3 else ''
+    raise ValueError(f'Missing HF tensor(s) {listed}{more}.')
+  for name, (hf_shape, path, shape) in expected.items():
+    if source.shape(name) != hf_shape:
+      raise ValueError(f'HF tensor {name!r} has shape {source.shape(name)}; expected {hf_shape} '
+                       f'(for {path} of shape {shape}).')
+    if source.dtype(name) not in _FLOAT_DTYPES:
+      raise ValueError(f'HF tensor {name!r} has dtype {source.dtype(name)}; expected floats '
+                       f'({"/".join(_FLOAT_DTYPES)}) of shape {hf_shape}.')
+  used = set(expected) | _check_tied_copies(source, family, config)
+  unused = sorted(name for name in names - used if not re.fullmatch(family.ignored, name))
+  if unused:
+    raise ValueError(f'Unused HF tensor(s) {unused}.')
+
+
+def _check_tied_copies(source: TensorSource, family: _Family,
                        config: models.ModelConfig) -> set[str]:
-  """The tied copies of the embedding present in `state_dict`, checked to equal it."""
+  """The tied copies of the embedding in `source`, checked to equal it."""
   names = family.tied_copies + (('lm_head.weight',) if config.logits_via_embedding else ())
-  present = {name for name in names if name in state_dict}
+  present = {name for name in names if name in source.names()}
+  rows = source.shape(family.embedding)[0]
+  block = 4096  # compared a block of rows at a time: no host holds a whole embedding
   for name in sorted(present):
-    if not np.array_equal(np.asarray(state_dict[name]), np.asarray(state_dict[family.embedding])):
+    same = source.shape(name) == source.shape(family.embedding) and all(
+        np.array_equal(source.read(name, (slice(i, i + block),)),
+                       source.read(family.embedding, (slice(i, i + block),)))
+        for i in range(0, rows, block))
+    if not same:
       raise ValueError(f'HF tensor {name!r} differs from {family.embedding!r}, of which it '
                        f'should be a tied copy (logits_via_embedding='
                        f'{config.logits_via_embedding}).')
   return present
 
 
-def _stack_layers(stack: Params) -> Params:
-  """Replaces `layers_0..N-1` by one `layers` subtree stacked on a new axis 0 (nn.scan)."""
-  per_layer = [stack[f'layers_{i}'] for i in range(sum(k.startswith('layers_') for k in stack))]
-  rest = {k: v for k, v in stack.items() if not k.startswith('layers_')}
-  return {**rest, 'layers': jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
+def _read(source: TensorSource, tensor: _Tensor, shape: tuple[int, ...],
+          index: Index) -> np.ndarray:
+  """The slice `index` of our array of shape `shape` made from one HF tensor, in float32.
+
+  A Linear weight is read as the block of rows (our output axes) and columns (input axes)
+  that covers the slice: exactly the slice when only the first axis of each group is cut.
+  """
+  n = tensor.linear_in_axes
+  if not n:
+    return np.asarray(source.read(tensor.hf_name, index), np.float32)
+  ranges, kept_shape, inner = [], [], []
+  for dims, slices in ((shape[:n], index[:n]), (shape[n:], index[n:])):  # in, out
+    start, stop, _ = slices[0].indices(dims[0])
+    size = math.prod(dims[1:])
+    ranges.append(slice(start * size, stop * size))
+    kept_shape += [stop - start, *dims[1:]]
+    inner += [slice(None), *slices[1:]]
+  block = source.read(tensor.hf_name, (ranges[1], ranges[0])).T  # [in, out]
+  return np.asarray(block.reshape(kept_shape)[tuple(inner)], np.float32)
 
 
-def _check_tree(params: Params, config: models.ModelConfig):
-  """Raises unless `params` has exactly the paths and shapes of `models.param_shapes`."""
-  got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep='/').items()}
-  want = {k: v.shape for k, v in
-          traverse_util.flatten_dict(models.param_shapes(config), sep='/').items()}
-  if got != want:
-    diff = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
-    raise ValueError(f'Converted params do not match the model at {diff}: got '
-                     f'{[got.get(k) for k in diff]}, expected {[want.get(k) for k in diff]}.')
+def _leaf_reader(source: TensorSource, tensors: list[_Tensor], shape: tuple[int, ...],
+                 scanned: bool) -> Callable[[Index], np.ndarray]:
+  """index -> that slice of one of our params; a scanned param stacks one tensor per layer."""
+
+  def read(index: Index) -> np.ndarray:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if not scanned:
+      return _read(source, tensors[0], shape, index)
+    layers = range(*index[0].indices(shape[0]))
+    return np.stack([_read(source, tensors[i], shape[1:], index[1:]) for i in layers])
+
+  cache = {}
+
+  def read_once(index: Index) -> np.ndarray:
+    # Devices holding the same shard (replicated axes) share one read.
+    key = tuple(s.indices(n) for s, n in zip(index, shape))
+    if key not in cache:
+      cache[key] = read(index)
+    return cache[key]
+
+  return read_once
+
+
+def params_from_source(source: TensorSource, config: models.ModelConfig,
+                       shardings: Any = None) -> Params:
+  """Our params for `config` from the HF tensors of `source`.
+
+  Args:
+    source: the HF tensors (a `TensorSource`, or `hf_io.SafetensorsSource` for files).
+    config: our model config, e.g. from `config_from_hf`.
+    shardings: a tree of `jax.sharding.Sharding`s like the params. Given, each param is a
+      `jax.Array` whose devices each read only their own slice of the HF tensors; None
+      reads everything into float32 numpy arrays.
+
+  Raises:
+    ValueError: naming a missing tensor, one of the wrong shape or dtype (with the expected
+      shape), a tied copy that differs from the embedding, or unused tensors.
+  """
+  rules = _leaf_rules(config)
+  shapes = _flat_shapes(config, rules)
+  _check_source(source, config, rules, shapes)
+  flat_shardings = traverse_util.flatten_dict(shardings, sep='/') if shardings else None
+  leaves = {}
+  for path, tensors in rules.items():
+    read = _leaf_reader(source, tensors, shapes[path], _is_scanned(config, path))
+    if flat_shardings is None:
+      leaves[path] = read(())
+    else:
+      leaves[path] = jax.make_array_from_callback(shapes[path], flat_shardings[path], read,
+                                                  dtype=jnp.float32)
+  return traverse_util.unflatten_dict(leaves, sep='/')
 
 
 def params_from_hf(state_dict: Mapping[str, Any], config: models.ModelConfig) -> Params:
-  """Converts an HF T5 or Llama state dict into our params for `config`.
+  """Converts an in-memory HF T5 or Llama state dict into our params for `config`.
 
   Args:
     state_dict: HF tensor name -> array (numpy, any float dtype).
@@ -282,63 +499,39 @@ def params_from_hf(state_dict: Mapping[str, Any], config: models.ModelConfig) ->
     Nested dicts of float32 numpy arrays with the tree of `models.init_params(config, ...)`.
 
   Raises:
-    ValueError: naming any missing tensor, a tensor of the wrong shape, a tied copy that
-      differs from the embedding, or unused tensors.
+    ValueError: as `params_from_source`.
   """
-  family = _family(config)
-  tensors = family.tensors(config)
-  missing = [t.hf_name for t in tensors if t.hf_name not in state_dict]
-  if missing:
-    raise ValueError(f'Missing HF tensor(s) {missing}.')
-  used = {t.hf_name for t in tensors} | _check_tied_copies(state_dict, family, config)
-  unused = sorted(name for name in set(state_dict) - used if not re.fullmatch(family.ignored, name))
-  if unused:
-    raise ValueError(f'Unused HF tensor(s) {unused}.')
-
-  unscanned = dataclasses.replace(config, scan_layers=False)
-  shapes = traverse_util.flatten_dict(models.param_shapes(unscanned), sep='/')
-  params = traverse_util.unflatten_dict(
-      {t.path: _convert(t, state_dict[t.hf_name], shapes[t.path].shape) for t in tensors},
-      sep='/')
-  if config.scan_layers:
-    params = {k: _stack_layers(v) if k in ('encoder', 'decoder') else v
-              for k, v in params.items()}
-  _check_tree(params, config)
-  return params
+  return params_from_source(TensorSource(state_dict), config)
 
 
 # ----------------------------------------------------------------------------------------------
-# Files.
+# Ours -> HF.
 
 
-def load_hf_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads the safetensors weights of an HF checkpoint directory (single file or sharded).
+def params_to_hf(params: Params, config: models.ModelConfig) -> dict[str, np.ndarray]:
+  """Our params as the HF state dict that `save_pretrained` would write (no tied copies).
 
   Args:
-    path: a directory with `model.safetensors` or `model.safetensors.index.json` + shards.
+    params: our params for `config` (numpy or fully addressable jax arrays).
+    config: their model config.
 
   Returns:
-    HF tensor name -> numpy array, in the stored dtype.
+    HF tensor name -> contiguous numpy array in the params' dtype.
   """
-  single = os.path.join(path, 'model.safetensors')
-  if os.path.exists(single):
-    return load_file(single)
-  index = os.path.join(path, 'model.safetensors.index.json')
-  if not os.path.exists(index):
-    raise FileNotFoundError(f'No model.safetensors or model.safetensors.index.json in {path}.')
-  with open(index) as f:
-    shards = sorted(set(json.load(f)['weight_map'].values()))
-  return {name: array for shard in shards
-          for name, array in load_file(os.path.join(path, shard)).items()}
-
-
-def load_hf_checkpoint(path: str, **overrides: Any) -> tuple[models.ModelConfig, Params]:
-  """Our config and params from an HF checkpoint directory (`config.json` + safetensors).
-
-  Args:
-    path: the checkpoint directory, as written by `save_pretrained`.
-    **overrides: our config fields to set, as in `config_from_hf`.
-  """
-  with open(os.path.join(path, 'config.json')) as f:
-    config = config_from_hf(json.load(f), **overrides)
-  return config, params_from_hf(load_hf_state_dict(path), config)
+  rules = _leaf_rules(config)
+  shapes = _flat_shapes(config, rules)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  got = {path: tuple(value.shape) for path, value in flat.items()}
+  if got != shapes:
+    diff = sorted(k for k in got.keys() | shapes.keys() if got.get(k) != shapes.get(k))
+    raise ValueError(f'Params do not match the model config at {diff}: got '
+                     f'{[got.get(k) for k in diff]}, expected {[shapes.get(k) for k in diff]}.')
+  state_dict = {}
+  for path, tensors in rules.items():
+    value = np.asarray(flat[path])
+    for tensor, array in zip(tensors, value if _is_scanned(config, path) else [value]):
+      n = tensor.linear_in_axes
+      if n:
+        array = array.reshape(math.prod(array.shape[:n]), -1).T
+      state_dict[tensor.hf_name] = np.ascontiguousarray(array)
+  return state_dict

@@ -2,8 +2,10 @@
 
 Commands: info (model summary and parameter counts), train (resumes from --workdir when it
 holds checkpoints); infer, score and eval (predictions, target log-likelihoods and task
-metrics on `eval.split` from --workdir's newest checkpoint); export and convert are named
-here and report plainly that they have not landed yet.
+metrics on `eval.split` from --workdir's newest checkpoint); convert (a Hugging Face
+directory -> a new workdir with config.py and params: `convert --hf_dir=DIR --workdir=OUT`,
+no --config) and export (a run's newest params -> a Hugging Face directory: `export
+--config=... --workdir=RUN --hf_dir=OUT`).
 """
 
 import logging
@@ -18,19 +20,15 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import evaluation, models, plots, trainer
+from t5x_lite import evaluation, hf_io, models, plots, trainer
 from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file; override fields with --config.a.b=value.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-
-# Subcommands whose issue has not landed: name -> what brings them.
-_PLANNED = {
-    'export': 'Hugging Face interop (issue #7)',
-    'convert': 'Hugging Face interop (issue #7)',
-}
+_HF_DIR = flags.DEFINE_string(
+    'hf_dir', None, 'Hugging Face model directory: read by convert, written by export.')
 
 
 def _fail(message: str) -> None:
@@ -83,7 +81,7 @@ def train(config: ml_collections.ConfigDict) -> None:
   # A bad mesh, batch size or task fails here, before the workdir is touched.
   trainer.setup_distributed(config)
   trainer.setup_partitioner(config)
-  tasks.get(config.data.task)
+  tasks.with_vocabulary(tasks.get(config.data.task), config.data.vocabulary)
   try:
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -138,8 +136,36 @@ def evaluate(config: ml_collections.ConfigDict) -> None:
           f'  prediction: {row["prediction"]}')
 
 
+def _hf_dir(command: str) -> str:
+  if not _HF_DIR.value:
+    _fail(f'--hf_dir is required for {command}: a Hugging Face model directory')
+  return _HF_DIR.value
+
+
+def export(config: ml_collections.ConfigDict) -> None:
+  """Writes --workdir's newest params as a Hugging Face directory (--hf_dir)."""
+  hf_dir = _hf_dir('export')
+  step = hf_io.export(config, _checkpoint_workdir('export', config), hf_dir)
+  print(f'wrote the step {step} params to {hf_dir}: ' + ', '.join(sorted(os.listdir(hf_dir))))
+
+
+def convert(config: ml_collections.ConfigDict | None) -> None:
+  """Writes a Hugging Face directory (--hf_dir) as a new workdir: config.py, checkpoints/0."""
+  if config is not None:
+    _fail('convert takes no --config: it writes one, <workdir>/config.py')
+  hf_dir, workdir = _hf_dir('convert'), _WORKDIR.value
+  if not workdir:
+    _fail('--workdir is required for convert: the new directory to write, e.g. runs/t5_small')
+  model = hf_io.convert(hf_dir, workdir)
+  print(f'converted {hf_dir} ({model.architecture}, '
+        f'{models.count_params(models.param_shapes(model)):,} params) to {workdir}: '
+        + ', '.join(sorted(os.listdir(workdir))))
+  print(f'next: python -m t5x_lite.main eval --config={workdir}/config.py --workdir={workdir}')
+
+
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate}
+    'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate,
+    'export': export, 'convert': convert}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -148,16 +174,14 @@ def main(argv: Sequence[str]) -> None:
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   if not flags.FLAGS['verbosity'].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
-  commands = sorted([*_COMMANDS, *_PLANNED])
+  commands = sorted(_COMMANDS)
   if len(argv) != 2:
     _fail(f'expected one command, got {argv[1:]}; usage: python -m t5x_lite.main '
           f'{{{",".join(commands)}}} --config=configs/NAME.py')
   command = argv[1]
-  if command in _PLANNED:
-    _fail(f'"{command}" is not available yet: it arrives with {_PLANNED[command]}.')
   if command not in _COMMANDS:
     _fail(f'unknown command "{command}"; choose one of {commands}.')
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and command != 'convert':
     _fail('--config is required, e.g. --config=configs/t5_1_1_small.py')
   try:
     _COMMANDS[command](_CONFIG.value)

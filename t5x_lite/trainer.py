@@ -24,7 +24,7 @@ import optax
 from t5x_lite import checkpoints, evaluation, losses, models, optimizers, partitioning
 from t5x_lite import config as config_lib
 from t5x_lite import logging_utils
-from t5x_lite.data import pipeline
+from t5x_lite.data import pipeline, tasks
 
 Array = jax.Array
 
@@ -319,10 +319,12 @@ def pipeline_batches(config: ml_collections.ConfigDict, shard_index: int,
   """This process's share of each global batch, from the grain pipeline."""
   data = config.data
   return iter(pipeline.get_dataset(
-      data.task, data.split, data.feature_lengths.to_dict(),
+      tasks.with_vocabulary(tasks.get(data.task), data.vocabulary), data.split,
+      data.feature_lengths.to_dict(),
       config.train.batch_size // shard_count, seed=config.seed, shuffle=data.shuffle,
       shard_index=shard_index, shard_count=shard_count, pack=data.pack,
-      converter=data.converter, num_workers=data.num_workers, log_every=0))
+      converter=data.converter, truncate=data.truncate, num_workers=data.num_workers,
+      log_every=0))
 
 
 def _flops_per_token(config: ml_collections.ConfigDict,

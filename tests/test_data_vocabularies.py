@@ -113,12 +113,28 @@ def test_load_errors(tmp_path):
   garbage.write_bytes(b'not a model')
   with pytest.raises(ValueError, match='is not a SentencePiece model'):
     SentencePieceVocabulary(garbage)
-  # SentencePiece's default layout (unk 0, bos 1, eos 2) is not T5's.
+  # Id 0 must be padding or a piece text never becomes: here it is an ordinary piece.
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(_tiny_training_texts()[:500]), vocab_size=300,
-      model_prefix=str(tmp_path / 'default'), minloglevel=2)
-  with pytest.raises(ValueError, match='T5 needs'):
-    SentencePieceVocabulary(tmp_path / 'default.model')
+      model_prefix=str(tmp_path / 'zero_is_text'), minloglevel=2, unk_id=1, bos_id=2,
+      eos_id=3, control_symbols=[], user_defined_symbols=['x'])
+  with pytest.raises(ValueError, match='id 0 must be padding'):
+    SentencePieceVocabulary(tmp_path / 'zero_is_text.model')
+
+
+def test_llama_layout_keeps_its_special_ids(tmp_path):
+  # SentencePiece's default layout is Llama's: unk 0, bos 1, eos 2, no pad.
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_tiny_training_texts()[:500]), vocab_size=400,
+      model_prefix=str(tmp_path / 'llama'), byte_fallback=True, character_coverage=0.98,
+      minloglevel=2)
+  vocab = SentencePieceVocabulary(tmp_path / 'llama.model')
+  assert (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 2, 0)
+  assert (vocab.extra_ids, vocab.vocab_size) == (0, 400)
+  ids = vocab.encode('Hallo Welt')
+  assert 0 not in ids and 1 not in ids  # no unk (byte fallback), no BOS
+  assert vocab.decode([0] + ids + [2] + ids) == 'Hallo Welt'
+  assert SentencePieceVocabulary(tmp_path / 'llama.model', extra_ids=5).vocab_size == 405
 
 
 def test_training_error_is_clear(tmp_path):

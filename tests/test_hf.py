@@ -1,4 +1,7 @@
-"""Parity of `t5x_lite.hf` imports with HF PyTorch T5 and Llama on the same random weights."""
+"""Parity of `t5x_lite.hf` imports with HF PyTorch T5 and Llama on the same random weights.
+
+The tiny HF models and logit checks here are shared with tests/test_hf_convert.py.
+"""
 
 import dataclasses
 import re
@@ -10,7 +13,7 @@ import torch
 import transformers
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from t5x_lite import hf, layers, models
+from t5x_lite import hf, hf_io, layers, models
 
 torch.set_num_threads(1)
 
@@ -26,10 +29,11 @@ def _randomize(model: torch.nn.Module, pattern: str):
         param.add_(0.3 * torch.randn_like(param))
 
 
-def _hf_t5(feed_forward_proj: str, tied: bool, seed: int = 0):
+def hf_t5(feed_forward_proj: str, tied: bool, seed: int = 0, vocab_size: int = VOCAB):
+  """A tiny random HF T5: 1.0 is ('relu', tied=True), 1.1 ('gated-gelu', tied=False)."""
   torch.manual_seed(seed)
   config = transformers.T5Config(
-      vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+      vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
       num_decoder_layers=3, relative_attention_num_buckets=16,
       relative_attention_max_distance=20, dropout_rate=0.0, feed_forward_proj=feed_forward_proj,
       tie_word_embeddings=tied, decoder_start_token_id=0, pad_token_id=0)
@@ -37,16 +41,18 @@ def _hf_t5(feed_forward_proj: str, tied: bool, seed: int = 0):
   _randomize(model, r'layer_norm|relative_attention_bias')
   if not tied:
     # transformers 5 ties lm_head to `shared` even with tie_word_embeddings=False.
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32) * 32**-0.5)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, 32) * 32**-0.5)
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
   return model
 
 
-def _hf_llama(tied: bool, seed: int = 0):
+def hf_llama(tied: bool, seed: int = 0, num_heads: int = 4, num_kv_heads: int = 2):
+  """A tiny random HF Llama with grouped-query attention and RoPE theta 5e5."""
   torch.manual_seed(seed)
   config = transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+      max_position_embeddings=64,
       rope_parameters={'rope_type': 'default', 'rope_theta': 500000.0}, rms_norm_eps=1e-5,
       initializer_range=0.2, tie_word_embeddings=tied)
   model = transformers.LlamaForCausalLM(config).eval()
@@ -54,14 +60,14 @@ def _hf_llama(tied: bool, seed: int = 0):
   return model
 
 
-def _right_padded(lengths: list[int], seed: int) -> np.ndarray:
+def right_padded(lengths: list[int], seed: int) -> np.ndarray:
   """Random nonzero tokens [len(lengths), max(lengths)], right-padded with 0."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(1, VOCAB, size=(len(lengths), max(lengths)))
   return np.where(np.arange(max(lengths)) < np.array(lengths)[:, None], tokens, 0)
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
+def state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
   return {name: t.detach().numpy() for name, t in model.state_dict().items()}
 
 
@@ -72,8 +78,8 @@ def _assert_close(ours, theirs: torch.Tensor, valid: np.ndarray):
 
 
 def _check_t5(model, config: models.ModelConfig, params):
-  inputs = _right_padded([40, 23], seed=1)  # 40 > max_distance: log and clipped buckets
-  labels = _right_padded([12, 7], seed=2)
+  inputs = right_padded([40, 23], seed=1)  # 40 > max_distance: log and clipped buckets
+  labels = right_padded([12, 7], seed=2)
   decoder_inputs = np.pad(labels, ((0, 0), (1, 0)))[:, :-1]  # shifted right, start id 0
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(inputs), attention_mask=torch.tensor(inputs > 0),
@@ -85,7 +91,7 @@ def _check_t5(model, config: models.ModelConfig, params):
 
 
 def _check_llama(model, config: models.ModelConfig, params):
-  tokens = _right_padded([20, 13, 5], seed=3)
+  tokens = right_padded([20, 13, 5], seed=3)
   mask = (tokens > 0).astype(np.int32)
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
@@ -94,16 +100,17 @@ def _check_llama(model, config: models.ModelConfig, params):
   _assert_close(ours, theirs, mask > 0)
 
 
-def _check(model, config: models.ModelConfig, params):
+def check_logits(model, config: models.ModelConfig, params):
+  """Our logits with `params` equal the HF model's on padded batches (<= TOLERANCE)."""
   check = _check_t5 if config.architecture == 'encoder_decoder' else _check_llama
   check(model, config, params)
 
 
 HF_MODELS = {
-    't5_1_1': lambda: _hf_t5('gated-gelu', tied=False),
-    't5_1_0': lambda: _hf_t5('relu', tied=True),
-    'llama': lambda: _hf_llama(tied=False),
-    'llama_tied': lambda: _hf_llama(tied=True),
+    't5_1_1': lambda: hf_t5('gated-gelu', tied=False),
+    't5_1_0': lambda: hf_t5('relu', tied=True),
+    'llama': lambda: hf_llama(tied=False),
+    'llama_tied': lambda: hf_llama(tied=True),
 }
 
 
@@ -111,14 +118,14 @@ HF_MODELS = {
 def test_logits_match_hf(name):
   model = HF_MODELS[name]()
   config = hf.config_from_hf(model.config.to_dict())
-  _check(model, config, hf.params_from_hf(_state_dict(model), config))
+  check_logits(model, config, hf.params_from_hf(state_dict(model), config))
 
 
 def test_config_from_hf_fields():
-  t5 = hf.config_from_hf(_hf_t5('gated-gelu', tied=False).config.to_dict())
+  t5 = hf.config_from_hf(hf_t5('gated-gelu', tied=False).config.to_dict())
   assert (t5.num_encoder_layers, t5.num_decoder_layers, t5.head_dim) == (2, 3, 8)
   assert t5.activations == ('gelu', 'linear') and not t5.logits_via_embedding
-  llama = hf.config_from_hf(_hf_llama(tied=True).config.to_dict(), dtype='bfloat16')
+  llama = hf.config_from_hf(hf_llama(tied=True).config.to_dict(), dtype='bfloat16')
   assert (llama.num_heads, llama.num_kv_heads, llama.head_dim) == (4, 2, 8)
   assert llama.rope_theta == 500000.0 and llama.logits_via_embedding
   assert not llama.scale_tied_logits and llama.dtype == 'bfloat16'
@@ -141,18 +148,18 @@ def test_config_from_legacy_hf_dicts():
 
 
 def test_scan_layers_logits_match_hf():
-  model = _hf_llama(tied=False)
+  model = hf_llama(tied=False)
   config = hf.config_from_hf(model.config.to_dict(), scan_layers=True)
-  params = hf.params_from_hf(_state_dict(model), config)
+  params = hf.params_from_hf(state_dict(model), config)
   assert params['decoder']['layers']['mlp']['wo']['kernel'].shape == (2, 64, 32)
-  _check(model, config, params)
+  check_logits(model, config, params)
 
 
 def test_scan_layers_encoder_decoder_tree():
-  model = _hf_t5('gated-gelu', tied=False)
+  model = hf_t5('gated-gelu', tied=False)
   config = hf.config_from_hf(model.config.to_dict(), scan_layers=True)
-  params = hf.params_from_hf(_state_dict(model), config)
-  unscanned = hf.params_from_hf(_state_dict(model), dataclasses.replace(config, scan_layers=False))
+  params = hf.params_from_hf(state_dict(model), config)
+  unscanned = hf.params_from_hf(state_dict(model), dataclasses.replace(config, scan_layers=False))
   np.testing.assert_array_equal(
       params['decoder']['layers']['cross_attention']['out']['kernel'][2],
       unscanned['decoder']['layers_2']['cross_attention']['out']['kernel'])
@@ -165,8 +172,8 @@ def test_load_hf_checkpoint(tmp_path, name, max_shard_size):
   kwargs = {'max_shard_size': max_shard_size} if max_shard_size else {}
   model.save_pretrained(tmp_path, **kwargs)
   assert (tmp_path / 'model.safetensors.index.json').exists() == bool(max_shard_size)
-  config, params = hf.load_hf_checkpoint(str(tmp_path))
-  _check(model, config, params)
+  config, params = hf_io.load_hf_checkpoint(str(tmp_path))
+  check_logits(model, config, params)
 
 
 @pytest.mark.parametrize('bidirectional', [True, False])
@@ -188,28 +195,46 @@ def test_relative_position_bucket_matches_hf(bidirectional, num_buckets, max_dis
     ('vocab_size', None, 'vocab_size'),
 ])
 def test_config_from_hf_rejects(field, value, match):
-  hf_config = {**_hf_llama(tied=False).config.to_dict(), field: value}
+  hf_config = {**hf_llama(tied=False).config.to_dict(), field: value}
   with pytest.raises(ValueError, match=match):
     hf.config_from_hf(hf_config)
 
 
 def test_config_from_hf_rejects_t5_feed_forward():
-  hf_config = {**_hf_t5('relu', tied=True).config.to_dict(), 'feed_forward_proj': 'gated-silu'}
+  hf_config = {**hf_t5('relu', tied=True).config.to_dict(), 'feed_forward_proj': 'gated-silu'}
   with pytest.raises(ValueError, match='feed_forward_proj'):
     hf.config_from_hf(hf_config)
 
 
 @pytest.fixture(name='llama')
 def _llama_fixture():
-  model = _hf_llama(tied=False)
-  return _state_dict(model), hf.config_from_hf(model.config.to_dict())
+  model = hf_llama(tied=False)
+  return state_dict(model), hf.config_from_hf(model.config.to_dict())
 
 
 def test_params_from_hf_missing_tensor(llama):
   state_dict, config = llama
   del state_dict['model.layers.1.mlp.up_proj.weight']
-  with pytest.raises(ValueError, match=re.escape("Missing HF tensor(s) ['model.layers.1.mlp.up")):
+  with pytest.raises(ValueError, match=re.escape(
+      "Missing HF tensor(s) 'model.layers.1.mlp.up_proj.weight' (shape (64, 32))")):
     hf.params_from_hf(state_dict, config)
+
+
+def test_params_from_hf_wrong_dtype(llama):
+  state_dict, config = llama
+  state_dict['model.norm.weight'] = np.ones(32, np.int64)
+  with pytest.raises(ValueError, match=re.escape(
+      "'model.norm.weight' has dtype int64; expected floats (float16/bfloat16/float32/float64) "
+      "of shape (32,)")):
+    hf.params_from_hf(state_dict, config)
+
+
+def test_params_from_hf_reads_bfloat16(llama):
+  state_dict, config = llama
+  bf16 = {name: value.astype(jnp.bfloat16) for name, value in state_dict.items()}
+  params = hf.params_from_hf(bf16, config)
+  np.testing.assert_array_equal(params['decoder']['final_norm']['scale'],
+                                bf16['model.norm.weight'].astype(np.float32))
 
 
 def test_params_from_hf_wrong_shape(llama):

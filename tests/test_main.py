@@ -339,25 +339,16 @@ def test_info_parameter_counts(name, capsys):
   assert re.search(rf'^\s+total\s+{PARAM_COUNTS[name]:,}$', out, re.M), out
 
 
-PLANNED = ['export', 'convert']
-
-
-def test_command_not_landed_says_so(tmp_path):
-  run = Run(['export', *TINY, f'--workdir={tmp_path / "w"}'], str(tmp_path), 'export').wait()
-  assert_one_error_line(run, '"export" is not available yet', 'Hugging Face interop')
-  assert run.stdout == ''
-  assert not os.path.exists(tmp_path / 'w')
-
-
-@pytest.mark.parametrize('name', PLANNED)
-def test_every_command_not_landed_says_so(name, capsys):
+def test_convert_and_export_need_their_directories(capsys):
   from t5x_lite import main
-  with pytest.raises(SystemExit) as exit_info:
-    main.main(['t5x_lite.main', name])
-  assert exit_info.value.code == 2
-  out, err = capsys.readouterr()
-  assert out == ''
-  assert re.fullmatch(rf'error: "{name}" is not available yet: it arrives with .+\n', err)
+  main.parse_flags(['t5x_lite.main'])
+  for argv, fragment in [(['convert'], '--hf_dir is required for convert'),
+                         (['export'], '--config is required')]:
+    with pytest.raises(SystemExit) as exit_info:
+      main.main(['t5x_lite.main', *argv])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == '' and err.startswith('error: ') and fragment in err, err
 
 
 # -------------------------------------------------------------------------- bad input

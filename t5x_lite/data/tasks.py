@@ -136,6 +136,37 @@ class Mixture:
     return f'Mixture({self.name!r}, {list(self.task_names)}, rates={list(self.rates)})'
 
 
+class _MixtureWithVocabulary(Mixture):
+  """A mixture whose tasks all use one replacement vocabulary (see `with_vocabulary`)."""
+
+  def __init__(self, mixture: Mixture, vocabulary: vocabularies.Vocabulary):
+    super().__init__(mixture.name, mixture.task_names, mixture.rates)
+    self.vocabulary = vocabulary
+
+  @property
+  def tasks(self) -> list[Task]:
+    return [with_vocabulary(task, self.vocabulary) for task in super().tasks]
+
+
+def with_vocabulary(task: Task | Mixture, vocabulary: str | vocabularies.Vocabulary
+                    ) -> Task | Mixture:
+  """The task (or mixture) with every feature in `vocabulary`, e.g. a converted model's.
+
+  Args:
+    task: a task or mixture.
+    vocabulary: a Vocabulary or a SentencePiece .model path; '' returns `task` unchanged.
+  """
+  if not vocabulary:
+    return task
+  if isinstance(vocabulary, str):
+    vocabulary = vocabularies.SentencePieceVocabulary(vocabulary)
+  if isinstance(task, Mixture):
+    return _MixtureWithVocabulary(task, vocabulary)
+  return dataclasses.replace(task, output_features={
+      name: dataclasses.replace(feature, vocabulary=vocabulary)
+      for name, feature in task.output_features.items()})
+
+
 # ----------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Vocabularies with T5's layout: SentencePiece models and ByT5's bytes.
+"""Vocabularies: SentencePiece models and ByT5's bytes.
 
-Ids 0, 1 and 2 are pad, EOS and unk; `extra_ids` sentinel ids sit at the very end of the
-vocabulary, `<extra_id_0>` being the last id (T5's span-corruption convention). Sentinels are
-written `<extra_id_i>` in text: `encode` maps such markers to their ids and `decode` renders
-them back, so corrupted spans stay readable.
+T5's layout: ids 0, 1 and 2 are pad, EOS and unk; `extra_ids` sentinel ids sit at the very
+end of the vocabulary, `<extra_id_0>` being the last id (T5's span-corruption convention).
+Sentinels are written `<extra_id_i>` in text: `encode` maps such markers to their ids and
+`decode` renders them back, so corrupted spans stay readable. A SentencePiece model with
+another layout, such as Llama's (unk 0, BOS 1, EOS 2, no pad), keeps its own special ids and
+gets no extra ids by default; batches are padded with id 0 all the same, so there id 0 (unk,
+which byte fallback never emits) doubles as padding.
 
 Rebuild the shipped models (see t5x_lite/data/vocabs/README.md):
 
@@ -32,7 +35,6 @@ VOCABS_DIR = pathlib.Path(__file__).parent / 'vocabs'
 CORPORA_DIR = pathlib.Path(__file__).parent / 'corpora'
 DEFAULT_MODEL = VOCABS_DIR / 'ende_8k.model'
 _SENTINEL = re.compile(r'<extra_id_(\d+)>')
-_T5_LAYOUT = {'pad_id': 0, 'eos_id': 1, 'unk_id': 2}
 
 Ids = Sequence[int] | np.ndarray
 
@@ -116,14 +118,21 @@ class Vocabulary(abc.ABC):
 
 
 class SentencePieceVocabulary(Vocabulary):
-  """A SentencePiece model with T5's layout; vocab_size = pieces + extra_ids."""
+  """A SentencePiece model; vocab_size = pieces + extra_ids.
+
+  Its EOS and unk ids are the model's own. `extra_ids` defaults to T5's 100 for a model with
+  T5's layout (pad 0) and to 0 otherwise (e.g. Llama's tokenizer.model).
+  """
 
   _sentinel_separator = ' '
 
-  def __init__(self, model_file: str | os.PathLike, extra_ids: int = 100):
-    super().__init__(extra_ids)
+  def __init__(self, model_file: str | os.PathLike, extra_ids: int | None = None):
     self.model_file = os.fspath(model_file)
     self._sp, self._digest = _load_sentencepiece(self.model_file)
+    self.eos_id, self.unk_id = self._sp.eos_id(), self._sp.unk_id()
+    if extra_ids is None:
+      extra_ids = 100 if self._sp.pad_id() == 0 else 0
+    super().__init__(extra_ids)
 
   @property
   def base_vocab_size(self) -> int:
@@ -163,7 +172,8 @@ class SentencePieceVocabulary(Vocabulary):
 
 
 def _load_sentencepiece(path: str) -> tuple[spm.SentencePieceProcessor, str]:
-  """Loads a .model file and checks T5's pad/eos/unk layout; returns it and its sha256."""
+  """Loads a .model file and checks its special ids suit padding with 0 (T5's layout, or
+  Llama's with unk at 0); returns it and its sha256."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'SentencePiece model not found: {path} (shipped models are in '
                             f'{VOCABS_DIR}; train one with train_sentencepiece)')
@@ -174,9 +184,13 @@ def _load_sentencepiece(path: str) -> tuple[spm.SentencePieceProcessor, str]:
   except RuntimeError as e:
     raise ValueError(f'{path} is not a SentencePiece model: {e}') from None
   layout = {'pad_id': sp.pad_id(), 'eos_id': sp.eos_id(), 'unk_id': sp.unk_id()}
-  if layout != _T5_LAYOUT:
-    raise ValueError(f'{path} has {layout}, T5 needs {_T5_LAYOUT}; retrain it with '
-                     'train_sentencepiece (pad_id=0, eos_id=1, unk_id=2)')
+  # Batches are padded with id 0 and loss weights drop it: it must never be real text.
+  zero_is_padding = sp.pad_id() == 0 or (
+      sp.pad_id() == -1 and (sp.is_unknown(0) or sp.is_control(0)))
+  if not zero_is_padding or sp.eos_id() <= 0:
+    raise ValueError(f'{path} has {layout}; id 0 must be padding (pad_id=0) or, with no pad '
+                     'piece, unk or a control piece, and EOS must exist: T5 uses pad_id=0, '
+                     'eos_id=1, unk_id=2 (what train_sentencepiece writes)')
   return sp, hashlib.sha256(proto).hexdigest()
 
 
