@@ -62,6 +62,15 @@ class Checkpointer:
     self._manager.close()
 
 
+def latest_step(directory: str) -> int | None:
+  """The newest finished step in a checkpoint directory, or None. Orbax renames a step's
+  temporary directory to its bare number only once the save is complete."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  return max(steps, default=None)
+
+
 def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
   """Params only, from another run's checkpoints (fine-tuning from a pretrained model).
 
@@ -71,9 +80,7 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
       in the checkpoint with the same shape.
     step: which step; the newest when None.
   """
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
+  step = latest_step(directory) if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint found in {directory!r} to initialise from.')
   path = os.path.join(os.path.abspath(directory), str(step), 'state')

@@ -549,11 +549,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str,
     ValueError: the config's model differs from the checkpoint's (names a param).
   """
   directory = os.path.join(workdir, 'checkpoints')
-  step = None
-  if os.path.isdir(directory):
-    checkpointer = checkpoints.Checkpointer(directory, save_every=1, async_save=False)
-    step = checkpointer.latest_step()
-    checkpointer.close()
+  step = checkpoints.latest_step(directory)
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory!r}; pass the --workdir of a '
                             'train run')
