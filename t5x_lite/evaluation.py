@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -370,6 +371,17 @@ def rank_classification(model: Model, params: Any, builder: FeatureBuilder,
 # ----------------------------------------------------------------------------------------
 
 
+def _warn_over_long(examples: Sequence[Example], length: int, architecture: str) -> None:
+  """Says how many inputs the model will see cut (never silently)."""
+  over = sum(len(e['inputs']) > length for e in examples)
+  if over:
+    kept = 'first' if architecture == 'encoder_decoder' else 'last'
+    absl_logging.warning(
+        '%d of %d inputs are longer than %d tokens and are cut to their %s %d; raise '
+        '--config.data.feature_lengths.inputs to keep them whole.',
+        over, len(examples), length, kept, length)
+
+
 @dataclasses.dataclass
 class EvalResult:
   """Task metrics and one (input, target, prediction) text row per example."""
@@ -412,6 +424,7 @@ class Evaluator:
     self.vocabulary = task.output_features['targets'].vocabulary
     self.builder = FeatureBuilder(model.config.architecture, dict(feature_lengths),
                                   bidirectional_prefix)
+    _warn_over_long(self.examples, feature_lengths['inputs'], model.config.architecture)
     self.batch_size = _round_up(batch_size, partitioner)
     self.decode_config = decode_config
     self.candidates = list(candidates)

@@ -207,6 +207,19 @@ def test_evaluator_on_translate_en_de():
   assert scores.shape == (5,) and np.all(np.isfinite(scores)) and np.all(scores < 0)
 
 
+def test_evaluator_counts_inputs_it_cuts(caplog):
+  model = models.build_model(tiny('encoder_decoder'))
+  examples = evaluation.load_examples(tasks.get('translate_en_de'), 'validation', 5)
+  over = sum(len(e['inputs']) > 12 for e in examples)
+  assert 0 < over < 5
+  with caplog.at_level('WARNING'):
+    evaluation.Evaluator(
+        tasks.get('translate_en_de'), 'validation', model, batch_size=4, num_examples=5,
+        feature_lengths={'inputs': 12, 'targets': 8},
+        decode_config=decoding.DecodeConfig(method='greedy', max_decode_length=6))
+  assert f'{over} of 5 inputs are longer than 12 tokens' in caplog.text
+
+
 def test_evaluator_rank_classifies_with_candidates():
   model_config = tiny('encoder_decoder')
   model = models.build_model(model_config)
