@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from t5x_lite import checkpoints, evaluation, hf, models, partitioning
+from t5x_lite import checkpoints, eval_commands, hf, models, partitioning
 from t5x_lite import config as config_lib
 from t5x_lite.data import tasks, vocabularies
 
@@ -225,7 +225,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, hf_dir: str) -> int:
   model_config = config_lib.model_config(config)
   hf.config_to_hf(model_config)  # an inexpressible model fails before any loading
   _check_new(hf_dir, 'hf_dir')
-  params, step = evaluation.load_params(config, workdir, evaluation.make_partitioner(config))
+  params, step = eval_commands.load_params(config, workdir, eval_commands.make_partitioner(config))
   task = tasks.with_vocabulary(tasks.get(config.data.task), config.data.vocabulary)
   save_hf(params, model_config, hf_dir, task.output_features['targets'].vocabulary)
   return step

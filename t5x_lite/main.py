@@ -20,7 +20,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import evaluation, hf_io, models, plots, trainer
+from t5x_lite import eval_commands, hf_io, models, plots, trainer
 from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -108,14 +108,14 @@ def _checkpoint_workdir(command: str, config: ml_collections.ConfigDict) -> str:
 
 def infer(config: ml_collections.ConfigDict) -> None:
   """Writes <workdir>/infer_<task>_<split>.jsonl: input, target and prediction per example."""
-  path, count = evaluation.run_infer(config, _checkpoint_workdir('infer', config))
+  path, count = eval_commands.run_infer(config, _checkpoint_workdir('infer', config))
   if jax.process_index() == 0:
     print(f'wrote {count} predictions to {path}')
 
 
 def score(config: ml_collections.ConfigDict) -> None:
   """Writes <workdir>/score_<task>_<split>.jsonl: each example's target log-likelihood."""
-  path, mean = evaluation.run_score(config, _checkpoint_workdir('score', config))
+  path, mean = eval_commands.run_score(config, _checkpoint_workdir('score', config))
   if jax.process_index() == 0:
     print(f'wrote scores to {path}; mean log-likelihood {mean:.4f}')
 
@@ -123,7 +123,7 @@ def score(config: ml_collections.ConfigDict) -> None:
 def evaluate(config: ml_collections.ConfigDict) -> None:
   """Prints the task's metrics beside a copy-the-input baseline, and sample predictions;
   logs the metrics (prefix 'eval') and writes every prediction in the workdir."""
-  report = evaluation.run_eval(config, _checkpoint_workdir('eval', config))
+  report = eval_commands.run_eval(config, _checkpoint_workdir('eval', config))
   if jax.process_index() != 0:
     return
   print(f'{config.eval.task or config.data.task} {config.eval.split} '

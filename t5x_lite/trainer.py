@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from t5x_lite import checkpoints, evaluation, losses, models, optimizers, partitioning
+from t5x_lite import checkpoints, eval_commands, evaluation, logging_utils, losses, models
+from t5x_lite import optimizers, partitioning
 from t5x_lite import config as config_lib
-from t5x_lite import logging_utils
 from t5x_lite.data import pipeline, tasks
 
 Array = jax.Array
@@ -280,7 +280,7 @@ def setup_evaluator(config: ml_collections.ConfigDict, model: nn.Module,
   so a bad eval config fails before any training."""
   if not config.eval.every_steps:
     return None
-  return evaluation.evaluator_from_config(config, model, partitioner)
+  return eval_commands.evaluator_from_config(config, model, partitioner)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ import pytest
 
 from t5x_lite import checkpoints, models, optimizers, trainer
 from t5x_lite import config as config_lib
-from t5x_lite.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED_STEP = 7

@@ -1,29 +1,20 @@
-"""Tests for t5x_lite.evaluation on tiny models with random params, and its CLI commands.
+"""Tests for t5x_lite.evaluation on tiny models with random params.
 
 Scores are checked against a log-softmax of the model's full forward pass, rank
 classification against a model made uniform (where the shortest answer must win) and against
-direct scoring, and cached decoding against teacher-forced argmaxes of the same model. The
-end-to-end test trains the tiny T5.1.1 for a few steps through the real CLI (evaluating during
-training), then runs infer / score / eval and the bad-input cases on its workdir.
+direct scoring, and cached decoding against teacher-forced argmaxes of the same model.
 """
 
-import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_lite import checkpoints, decoding, evaluation, models, partitioning
-from t5x_lite import config as config_lib
+from t5x_lite import decoding, evaluation, models, partitioning
 from t5x_lite.data import tasks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 8}
 
 
@@ -248,121 +239,3 @@ def test_few_shot_prompts_for_a_decoder_only_model():
     assert all(shot.startswith('sentiment: ') for shot in shots)
   with pytest.raises(ValueError, match='k must be >= 1'):
     evaluation.few_shot_task(tasks.get('sentiment_rt'), 0)
-
-
-# ------------------------------------------------------------------------- loading params
-
-
-def _config(**eval_fields):
-  spec = importlib.util.spec_from_file_location(
-      't5_1_1_tiny', os.path.join(REPO, 'configs', 't5_1_1_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.eval.update(eval_fields)
-  return config
-
-
-def test_copy_input_baseline_scores_the_input_without_its_task_prefix():
-  assert evaluation.strip_task_prefix('translate English to German: 11: Division') == (
-      '11: Division')
-  assert evaluation.strip_task_prefix('no prefix here') == 'no prefix here'
-  task = tasks.get('sentiment_rt')  # accuracy and macro-F1 over normalized labels
-  rows = [{'input': 'sentiment: positive', 'target': 'positive'},
-          {'input': 'sentiment: Negative ', 'target': 'negative'},
-          {'input': 'sentiment: great film', 'target': 'positive'},
-          {'input': 'sentiment: negative', 'target': 'positive'}]
-  baseline = evaluation.copy_input_baseline(task, rows)
-  assert baseline['accuracy'] == pytest.approx(50.0)
-
-
-def test_load_params_errors(tmp_path):
-  config = _config()
-  partitioner = evaluation.make_partitioner(config)
-  with pytest.raises(FileNotFoundError, match='no checkpoint in'):
-    evaluation.load_params(config, str(tmp_path / 'missing'), partitioner)
-  params = _init(config_lib.model_config(config), 0)
-  checkpointer = checkpoints.Checkpointer(str(tmp_path / 'run' / 'checkpoints'),
-                                          save_every=1, async_save=False)
-  checkpointer.save(3, {'step': jnp.int32(3), 'params': params}, {}, force=True)
-  checkpointer.close()
-  restored, step = evaluation.load_params(config, str(tmp_path / 'run'), partitioner)
-  assert step == 3
-  jax.tree.map(np.testing.assert_array_equal, restored, params)
-  config.model.d_ff = 96
-  with pytest.raises(ValueError, match=r'param .*mlp.* has shape \(64, 128\) in the '
-                                       r'checkpoint .* but \(64, 96\)'):
-    evaluation.load_params(config, str(tmp_path / 'run'), partitioner)
-
-
-# -------------------------------------------------------------------------------- the CLI
-
-TINY = ['--config=configs/t5_1_1_tiny.py', '--config.data.feature_lengths.inputs=16',
-        '--config.data.feature_lengths.targets=16', '--config.train.batch_size=8',
-        '--config.eval.num_examples=3', '--config.eval.batch_size=2',
-        '--config.eval.max_decode_length=6']
-
-
-def _start(args, tmp_path, name):
-  # A shared compilation cache: infer and eval reuse the decoder that training's eval built.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  out = open(tmp_path / f'{name}.out', 'wb')
-  err = open(tmp_path / f'{name}.err', 'wb')
-  return subprocess.Popen([sys.executable, '-m', 't5x_lite.main', *args], cwd=REPO, env=env,
-                          stdout=out, stderr=err), name
-
-
-def _finish(started, tmp_path):
-  proc, name = started
-  proc.wait(timeout=300)
-  return (proc.returncode, (tmp_path / f'{name}.out').read_text(),
-          (tmp_path / f'{name}.err').read_text())
-
-
-def _one_error_line(result, *fragments):
-  code, _, err = result
-  lines = err.strip().splitlines()
-  assert code == 2 and lines[-1].startswith('error: '), err[-3000:]
-  assert 'Traceback' not in err and all(f in lines[-1] for f in fragments), lines[-1]
-
-
-def test_cli_train_with_eval_then_infer_score_eval(tmp_path):
-  workdir = tmp_path / 'run'
-  missing = _start(['eval', *TINY, f'--workdir={tmp_path / "nothing"}'], tmp_path, 'missing')
-  train = _start(['train', *TINY, '--config.train.num_steps=4', '--config.train.log_every=2',
-                  '--config.train.checkpoint_every=4', '--config.eval.every_steps=2',
-                  f'--workdir={workdir}'], tmp_path, 'train')
-  _one_error_line(_finish(missing, tmp_path), 'no checkpoint in')
-  assert not (tmp_path / 'nothing').exists()
-  code, _, err = _finish(train, tmp_path)
-  assert code == 0, err[-3000:]
-  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert [(r['step'], r['split']) for r in records if r['split'] == 'eval'] == [
-      (2, 'eval'), (4, 'eval')]
-
-  runs = [_start([command, *TINY, f'--workdir={workdir}'], tmp_path, command)
-          for command in ('infer', 'score', 'eval')]
-  runs.append(_start(['eval', *TINY, '--config.model.d_ff=96', f'--workdir={workdir}'],
-                     tmp_path, 'mismatch'))
-  infer, score, evaluate, mismatch = (_finish(r, tmp_path) for r in runs)
-  for code, _, err in (infer, score, evaluate):
-    assert code == 0, err[-3000:]
-  rows = [json.loads(l) for l in
-          (workdir / 'infer_translate_en_de_validation.jsonl').read_text().splitlines()]
-  assert len(rows) == 3 and all(set(r) == {'input', 'target', 'prediction'} for r in rows)
-  assert rows[0]['input'].startswith('translate English to German: ')
-  scored = [json.loads(l) for l in
-            (workdir / 'score_translate_en_de_validation.jsonl').read_text().splitlines()]
-  assert len(scored) == 3 and all(r['log_likelihood'] < 0 for r in scored)
-  assert 'bleu' in evaluate[1] and 'copy input' in evaluate[1]
-  assert evaluate[1].count('prediction: ') == 3  # 5 samples asked, the split has 3
-  evaluated = [json.loads(l) for l in
-               (workdir / 'eval_translate_en_de_validation.jsonl').read_text().splitlines()]
-  assert [r['target'] for r in evaluated] == [r['target'] for r in rows]
-  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert records[-1]['split'] == 'eval' and records[-1]['step'] == 4
-  assert math.isfinite(records[-1]['bleu'])
-  _one_error_line(mismatch, 'config/checkpoint mismatch', 'mlp', '(64, 128)', '(64, 96)')

@@ -25,7 +25,7 @@ from test_hf import HF_MODELS, VOCAB, check_logits, hf_llama, hf_t5, right_padde
 from test_main import Run, assert_one_error_line
 
 from t5x_lite import config as config_lib
-from t5x_lite import evaluation, hf, hf_io, models, partitioning, trainer
+from t5x_lite import eval_commands, hf, hf_io, models, partitioning, trainer
 from t5x_lite.data import tasks, vocabularies
 
 TINY = dict(vocab_size=VOCAB, d_model=32, num_heads=4, head_dim=8, d_ff=64,
@@ -221,7 +221,7 @@ def tokenizers(tmp_path_factory):
 def test_llama_tokenizer_is_a_vocabulary_with_its_own_eos(tokenizers):
   config = config_lib.base_config(config_lib.LLAMA, num_heads=4, d_model=32)
   config.data.update(task='translate_en_de', vocabulary=tokenizers['llama'])
-  task = evaluation.eval_task(config)
+  task = eval_commands.eval_task(config)
   vocabulary = task.output_features['targets'].vocabulary
   assert (vocabulary.eos_id, vocabulary.unk_id, vocabulary.extra_ids) == (2, 0, 0)
   assert vocabulary.vocab_size == 400
@@ -229,7 +229,7 @@ def test_llama_tokenizer_is_a_vocabulary_with_its_own_eos(tokenizers):
   example = task.preprocess(task.source('validation')[0])
   assert example['targets'][-1] == 2 and 0 not in example['targets']
   config.eval.num_examples = 2
-  evaluator = evaluation.evaluator_from_config(config)
+  evaluator = eval_commands.evaluator_from_config(config)
   assert evaluator.decode_config.eos_id == 2 and evaluator.vocabulary == vocabulary
   mixture = tasks.with_vocabulary(tasks.get('pretrain_span_corruption'), tokenizers['t5'])
   assert {f.vocabulary.model_file for t in mixture.tasks
