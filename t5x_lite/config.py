@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from t5x_lite import models, optimizers
+from t5x_lite import models, optimizers, partitioning
 
 # T5.1.1 (Raffel et al. 2020, and the t5.1.1 checkpoints): gated-GELU, untied logits,
 # relative position bias, no 1/sqrt(d) in attention.
@@ -48,7 +48,9 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
   config.model = model_config_dict(**{**preset, **model_fields})
   config.seed = 0  # init and dropout RNG seed
   config.mesh_shape = (-1, 1, 1)  # devices along (data, fsdp, model); one -1 takes the rest
-  config.axis_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes, over the defaults
+  # logical axis -> mesh axes: 'model', 'data,fsdp' or '' (replicated), e.g.
+  # --config.axis_rules.embed='' to replicate embed instead of sharding it over fsdp
+  config.axis_rules = ml_collections.ConfigDict(partitioning.default_rule_strings())
 
   config.distributed = ml_collections.ConfigDict()
   config.distributed.num_processes = 1  # > 1: join a jax.distributed run of this many

@@ -33,9 +33,25 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def default_rule_strings() -> dict[str, str]:
+  """The default rules in the string form a run config holds (so each one can be overridden
+  on the command line): 'model', 'data,fsdp', or '' for replicated."""
+  return {name: ','.join((target,) if isinstance(target, str) else (target or ()))
+          for name, target in DEFAULT_RULES}
+
+
+def _parse_target(target: Any) -> Any:
+  """A rule target from its string form ('' -> None, 'a,b' -> ('a', 'b')), else as given."""
+  if not isinstance(target, str):
+    return target
+  axes = tuple(axis.strip() for axis in target.split(',') if axis.strip())
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def logical_rules(overrides: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
-  """The default rules with `overrides` (logical name -> mesh axis, axes or None) applied."""
-  overrides = dict(overrides or {})
+  """The default rules with `overrides` applied: logical name -> a mesh axis, a sequence of
+  them, None (replicated), or the string forms of `default_rule_strings`."""
+  overrides = {name: _parse_target(target) for name, target in (overrides or {}).items()}
   unknown = sorted(set(overrides) - {name for name, _ in DEFAULT_RULES})
   if unknown:
     raise ValueError(f'Unknown logical axis name(s) {unknown} in axis rules; known: '

@@ -135,10 +135,17 @@ def test_rule_overrides():
 
 def test_rule_overrides_from_config():
   config = _get_config('t5_1_1_tiny')
-  config.axis_rules.embed = None
-  config.axis_rules.mlp = ('fsdp', 'model')
+  assert dict(partitioning.logical_rules(config.axis_rules.to_dict())) == dict(
+      partitioning.DEFAULT_RULES)  # the config holds every default rule, as strings
+  config.axis_rules.embed = ''  # as --config.axis_rules.embed='' sets it
+  config.axis_rules.mlp = 'fsdp,model'
+  config.axis_rules.heads = None
   rules = dict(partitioning.logical_rules(config.axis_rules.to_dict()))
-  assert rules['embed'] is None and rules['mlp'] == ('fsdp', 'model')
+  assert rules['embed'] is None and rules['heads'] is None
+  assert rules['mlp'] == ('fsdp', 'model') and rules['vocab'] == 'model'
+  with pytest.raises(ValueError, match=r"mlp -> .* names unknown mesh axis 'tensor'"):
+    config.axis_rules.mlp = 'fsdp,tensor'
+    partitioning.logical_rules(config.axis_rules.to_dict())
 
 
 def test_unknown_logical_axis_in_rules():
