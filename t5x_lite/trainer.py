@@ -244,6 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   evaluator = setup_evaluator(config, model, partitioner)
   metrics, last = {}, {}
   tick, tokens = time.time(), 0
+  first_bad = _NO_NONFINITE_STEP if config.train.nan_policy == 'stop' else None
   with partitioner.activate(), _finishing(checkpointer, logger), _Preemption() as preemption:
     for step in range(int(state.step), config.train.num_steps):
       local = next(batches)
@@ -252,11 +253,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       done = step + 1
       stopping = preemption.requested  # read once: a SIGTERM may land mid-iteration
       saving = checkpointer.should_save(done) or stopping or done == config.train.num_steps
-      if saving:
-        _check_finite(jax.device_get(metrics), done, config.train.nan_policy)
-      if done % config.train.log_every == 0 or done == config.train.num_steps:
+      logging_now = done % config.train.log_every == 0 or done == config.train.num_steps
+      if first_bad is not None:
+        first_bad = _first_nonfinite(first_bad, metrics, done)  # on device: no sync per step
+        if saving or logging_now:
+          _check_finite(jax.device_get(first_bad))
+      if logging_now:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(last, done, config.train.nan_policy)
         elapsed, tick = time.time() - tick, time.time()
         last.update(lr=float(schedule(done - 1)), tokens_per_second=tokens / elapsed)
         last['mfu'] = losses.mfu(last['tokens_per_second'], flops_per_token,
@@ -303,15 +306,30 @@ def _with_total_steps(optimizer: ml_collections.ConfigDict, num_steps: int) -> d
   return values
 
 
-def _check_finite(metrics: Mapping[str, float], step: int, policy: str) -> None:
-  # param_norm is that of the updated params, the state about to be saved: an overflowing
-  # update can make them non-finite while the step's loss and gradients are still finite.
-  names = ('loss', 'grad_norm', 'param_norm')
-  if policy == 'stop' and not all(np.isfinite(metrics[name]) for name in names):
-    values = ' '.join(f'{name}={metrics[name]}' for name in names)
+# The metrics whose non-finite values stop training: param_norm is that of the updated params,
+# the state about to be saved; an overflowing update can make them non-finite while the step's
+# loss and gradients are still finite.
+_GUARDED = ('loss', 'grad_norm', 'param_norm')
+_NO_NONFINITE_STEP = {'step': -1, **{name: 0.0 for name in _GUARDED}}
+
+
+@jax.jit
+def _first_nonfinite(first: dict[str, Array], metrics: Mapping[str, Array],
+                     step: int) -> dict[str, Array]:
+  """`first` until a step's guarded metrics are non-finite; then that step and its values."""
+  finite = functools.reduce(jnp.logical_and, [jnp.isfinite(metrics[n]) for n in _GUARDED])
+  now = {'step': step, **{name: metrics[name] for name in _GUARDED}}
+  take = (first['step'] < 0) & ~finite
+  return jax.tree.map(lambda old, new: jnp.where(take, new, old), first, now)
+
+
+def _check_finite(first_bad: Mapping[str, Any]) -> None:
+  """Stops at the first non-finite step, before anything after it is logged or saved."""
+  if first_bad['step'] >= 0:
+    values = ' '.join(f'{name}={float(first_bad[name])}' for name in _GUARDED)
     raise NonFiniteLossError(
-        f'{values} at step {step}: stopping '
-        'without saving this state (set train.nan_policy="skip" to skip such updates).')
+        f'{values} at step {int(first_bad["step"])}: stopping without saving this state '
+        '(set train.nan_policy="skip" to skip such updates).')
 
 
 def pipeline_batches(config: ml_collections.ConfigDict, shard_index: int,

@@ -234,6 +234,16 @@ def test_identical_runs_are_bitwise_equal_and_nan_stops(mesh_runs, tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
+def test_nan_guard_names_the_first_bad_step_between_checks(tmp_path):
+  """NaN at step 2 while metrics are logged every 4 steps and checkpoints saved every 4: the
+  guard runs at step 4 yet names step 2, and neither logs nor saves anything after it."""
+  config = _run_config((8, 1, 1), log_every=4, checkpoint_every=4)
+  with pytest.raises(trainer.NonFiniteLossError, match=r'loss=nan .*at step 2: stopping'):
+    _train(config, tmp_path, make_batches=_batches_with_nan_at(2))
+  assert _records(tmp_path) == []
+  assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == []
+
+
 def test_other_seed_differs_and_nan_skip(mesh_runs, tmp_path):
   """seed=1, nan_policy='skip' and a NaN-producing batch at step 2: that update is skipped
   and reported, training goes on; and the losses differ from the seed-0 runs."""
@@ -513,21 +523,25 @@ def test_guard_catches_overflowing_update(policy):
   assert np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])
   if policy == 'stop':
     assert not np.all(np.isfinite(new_state.params['Dense_0']['kernel']))
+    first_bad = trainer._first_nonfinite(trainer._NO_NONFINITE_STEP, metrics, 7)
     with pytest.raises(trainer.NonFiniteLossError, match=r'param_norm=(nan|inf) at step 7'):
-      trainer._check_finite(metrics, 7, 'stop')
+      trainer._check_finite(jax.device_get(first_bad))
   else:
     assert metrics['skipped'] == 1
     assert int(new_state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
 
 
-def test_check_finite_policies():
-  good = {'loss': 2.5, 'grad_norm': 1.0, 'param_norm': 30.0}
-  for policy in ('stop', 'skip'):
-    trainer._check_finite(good, 3, policy)
-  for name in good:
+def test_first_nonfinite_step_is_kept():
+  good = {'loss': 2.5, 'grad_norm': 1.0, 'param_norm': 30.0, 'accuracy': float('nan')}
+  first_bad = trainer._first_nonfinite(trainer._NO_NONFINITE_STEP, good, 2)
+  trainer._check_finite(jax.device_get(first_bad))  # unguarded metrics do not count
+  for name in ('loss', 'grad_norm', 'param_norm'):
     bad = dict(good, **{name: float('nan')})
-    trainer._check_finite(bad, 3, 'skip')  # skipped in the step; the loop goes on
+    first_bad = trainer._first_nonfinite(trainer._NO_NONFINITE_STEP, good, 2)
+    first_bad = trainer._first_nonfinite(first_bad, bad, 3)
+    first_bad = trainer._first_nonfinite(first_bad, dict(good, loss=float('inf')), 4)
+    first_bad = trainer._first_nonfinite(first_bad, good, 5)
     with pytest.raises(trainer.NonFiniteLossError, match=r'at step 3: stopping') as error:
-      trainer._check_finite(bad, 3, 'stop')
+      trainer._check_finite(jax.device_get(first_bad))
     assert f'{name}=nan' in str(error.value)
