@@ -109,9 +109,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str,
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory!r}; pass the --workdir of a '
                             'train run')
-  model = models.build_model(config_lib.model_config(config))
-  boxed = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), **models.dummy_batch(model.config))['params'])
+  boxed = models.boxed_param_shapes(config_lib.model_config(config))
   abstract = checkpoints.abstract_with_shardings(nn.unbox(boxed),
                                                  partitioner.boxed_shardings(boxed))
   _check_params_match(os.path.join(os.path.abspath(directory), str(step), 'state'),

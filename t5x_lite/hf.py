@@ -224,7 +224,8 @@ def _llama_config(hf: Mapping[str, Any]) -> dict[str, Any]:
       num_heads=num_heads, num_kv_heads=hf.get('num_key_value_heads') or num_heads,
       head_dim=hf.get('head_dim') or d_model // num_heads,
       d_ff=_field(hf, 'intermediate_size'), num_encoder_layers=0,
-      num_decoder_layers=_field(hf, 'num_hidden_layers'), activations=('silu', 'linear'), dropout_rate=0.0,
+      num_decoder_layers=_field(hf, 'num_hidden_layers'), activations=('silu', 'linear'),
+      dropout_rate=0.0,
       logits_via_embedding=bool(hf.get('tie_word_embeddings', False)),
       scale_tied_logits=False, position_embedding='rope', rope_theta=_llama_rope_theta(hf),
       scale_attention_logits=True, norm_eps=_field(hf, 'rms_norm_eps'))

@@ -79,14 +79,6 @@ def _read_hf_config(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def param_shardings(config: models.ModelConfig, partitioner: partitioning.Partitioner) -> Any:
-  """The shardings of our params for `config` on the partitioner's mesh (nothing allocated)."""
-  model = models.build_model(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **models.dummy_batch(config))[
-      'params'])
-  return partitioner.boxed_shardings(boxed)
-
-
 def load_hf_checkpoint(path: str, partitioner: partitioning.Partitioner | None = None,
                        **overrides: Any) -> tuple[models.ModelConfig, hf.Params]:
   """Our config and params from an HF checkpoint directory (`config.json` + safetensors).
@@ -98,7 +90,9 @@ def load_hf_checkpoint(path: str, partitioner: partitioning.Partitioner | None =
     **overrides: our config fields to set, as in `hf.config_from_hf`.
   """
   config = hf.config_from_hf(_read_hf_config(path), **overrides)
-  shardings = param_shardings(config, partitioner) if partitioner else None
+  shardings = None
+  if partitioner:
+    shardings = partitioner.boxed_shardings(models.boxed_param_shapes(config))
   with SafetensorsSource(path) as source:
     return config, hf.params_from_source(source, config, shardings)
 

@@ -400,7 +400,14 @@ def init_params(config: ModelConfig, rng: Array) -> Any:
 
 def param_shapes(config: ModelConfig) -> Any:
   """Param shapes and dtypes via `jax.eval_shape`: nothing is allocated."""
-  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  return nn.unbox(boxed_param_shapes(config))
+
+
+def boxed_param_shapes(config: ModelConfig) -> Any:
+  """`param_shapes` with each leaf still in its `nn.LogicallyPartitioned` box (its logical
+  axis names), which a partitioner turns into shardings."""
+  return jax.eval_shape(
+      lambda: build_model(config).init(jax.random.key(0), **dummy_batch(config))['params'])
 
 
 def count_params(tree: Any) -> int:

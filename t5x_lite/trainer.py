@@ -140,12 +140,10 @@ def setup_partitioner(config: ml_collections.ConfigDict) -> partitioning.Partiti
   return partitioner
 
 
-def abstract_state(model: nn.Module, model_config: models.ModelConfig,
-                   tx: optax.GradientTransformation,
+def abstract_state(model_config: models.ModelConfig, tx: optax.GradientTransformation,
                    partitioner: partitioning.Partitioner) -> tuple[Any, Any]:
   """The state's shapes (no allocation) and its shardings."""
-  init = lambda rng: model.init(rng, **models.dummy_batch(model_config))['params']
-  boxed = jax.eval_shape(init, jax.random.key(0))
+  boxed = models.boxed_param_shapes(model_config)
   params = nn.unbox(boxed)
   param_shardings = partitioner.boxed_shardings(boxed)
   opt_state = jax.eval_shape(tx.init, params)
@@ -204,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   model_config = config_lib.model_config(config)
   model = models.build_model(model_config)
   tx = optimizers.make_optimizer(_with_total_steps(config.optimizer, config.train.num_steps))
-  shapes, shardings = abstract_state(model, model_config, tx, partitioner)
+  shapes, shardings = abstract_state(model_config, tx, partitioner)
   checkpointer = checkpoints.Checkpointer(
       os.path.join(workdir, 'checkpoints'), save_every=config.train.checkpoint_every,
       keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)

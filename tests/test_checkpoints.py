@@ -47,7 +47,7 @@ def setup(config, mesh_shape):
   model = models.build_model(model_config)
   tx = optimizers.make_optimizer(trainer._with_total_steps(config.optimizer,
                                                            config.train.num_steps))
-  shapes, shardings = trainer.abstract_state(model, model_config, tx, partitioner)
+  shapes, shardings = trainer.abstract_state(model_config, tx, partitioner)
   return types.SimpleNamespace(model=model, model_config=model_config, tx=tx, shapes=shapes,
                                shardings=shardings, partitioner=partitioner)
 

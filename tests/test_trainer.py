@@ -225,8 +225,7 @@ def test_identical_runs_are_bitwise_equal_and_nan_stops(mesh_runs, tmp_path):
     tx = optimizers.make_optimizer(
         trainer._with_total_steps(config.optimizer, config.train.num_steps))
     partitioner = trainer.setup_partitioner(config)
-    shapes, shardings = trainer.abstract_state(
-        models.build_model(model_config), model_config, tx, partitioner)
+    shapes, shardings = trainer.abstract_state(model_config, tx, partitioner)
     state, _ = checkpointer.restore(2, checkpoints.abstract_with_shardings(shapes, shardings))
   finally:
     checkpointer.close()
@@ -310,7 +309,7 @@ def pieces():
   tx = optax.sgd(SGD_LEARNING_RATE, momentum=0.9)
   partitioner = trainer.setup_partitioner(config)
   model = models.build_model(model_config)
-  shapes, shardings = trainer.abstract_state(model, model_config, tx, partitioner)
+  shapes, shardings = trainer.abstract_state(model_config, tx, partitioner)
   state = trainer.init_state(model, model_config, tx, shardings, jax.random.key(0))
   batches = trainer.pipeline_batches(config, 0, 1)
   local = [next(batches) for _ in range(2)]
@@ -389,7 +388,7 @@ def test_gradient_accumulation_matches_full_batch(pieces):
 def _op_counts(ns, model_config):
   """How often each primitive occurs in the train step's jaxpr (traced, not compiled)."""
   model = models.build_model(model_config)
-  shapes, _ = trainer.abstract_state(model, model_config, ns['tx'], ns['partitioner'])
+  shapes, _ = trainer.abstract_state(model_config, ns['tx'], ns['partitioner'])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ns['batches'][0])
   fn = functools.partial(trainer.train_step, model=model, tx=ns['tx'],
                          options=trainer.StepOptions())
@@ -436,8 +435,7 @@ def test_scan_layers_with_full_remat_gives_same_update(pieces):
   assert counts['scan'] >= 1
   assert counts['dot_general'] > scanned_plain['dot_general']
 
-  shapes, shardings = trainer.abstract_state(
-      models.build_model(model_config), model_config, pieces['tx'], pieces['partitioner'])
+  shapes, shardings = trainer.abstract_state(model_config, pieces['tx'], pieces['partitioner'])
   assert shardings.params['decoder']['layers']['mlp']['wi_0']['kernel'].spec == P(
       None, 'fsdp', 'model')
   params = _stack_layers(pieces['state'].params)
@@ -468,7 +466,7 @@ def test_bfloat16_activations(pieces):
   assert {v.aval.dtype for e in dots for v in e.invars} == {jnp.dtype('bfloat16')}
 
   # Params and optimizer state are float32, at init and through the updates.
-  shapes, _ = trainer.abstract_state(model, model_config, pieces['tx'], pieces['partitioner'])
+  shapes, _ = trainer.abstract_state(model_config, pieces['tx'], pieces['partitioner'])
   float32_or_int = {jnp.dtype('float32'), jnp.dtype('int32')}
   assert {x.dtype for x in jax.tree.leaves(shapes)} <= float32_or_int
   step = _step(pieces, model_config, trainer.StepOptions())
