@@ -57,7 +57,8 @@ class _Family(NamedTuple):
   """How one HF model family maps onto our configs and params."""
 
   model_type: str
-  from_hf: Callable[[Mapping[str, Any]], dict[str, Any]]  # HF config -> our config fields
+  # (HF config, output_layer) -> our config fields; see `config_from_hf`.
+  from_hf: Callable[[Mapping[str, Any], bool | None], dict[str, Any]]
   to_hf: Callable[[models.ModelConfig], dict[str, Any]]  # and back
   embedding: str  # the HF token embedding
   tensors: Callable[[models.ModelConfig], list[_Tensor]]
@@ -91,11 +92,16 @@ class TensorSource:
 # Config.
 
 
-def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> models.ModelConfig:
+def config_from_hf(hf_config: Mapping[str, Any], output_layer: bool | None = None,
+                   **overrides: Any) -> models.ModelConfig:
   """Translates an HF `config.json` dict (T5 or Llama) into our model config.
 
   Args:
     hf_config: the dict of an HF config, as `PretrainedConfig.to_dict()` gives.
+    output_layer: whether the checkpoint holds an `lm_head.weight` (`has_output_layer`).
+      transformers >= 5 writes `tie_word_embeddings: true` for every T5 and ties its head
+      unless the checkpoint has its own, so for T5 the tensors decide; None guesses from the
+      config alone (for Llama the config is exact).
     **overrides: our config fields to set on top, e.g. `dtype` or `scan_layers`.
 
   Returns:
@@ -108,7 +114,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> models.Mod
   if model_type not in _FAMILIES:
     raise ValueError(f'Unsupported HF model_type {model_type!r}; supported: '
                      f'{sorted(_FAMILIES)}.')
-  fields = _FAMILIES[model_type].from_hf(hf_config)
+  fields = _FAMILIES[model_type].from_hf(hf_config, output_layer)
   return models.ModelConfig.from_dict({**fields, **overrides})
 
 
@@ -123,7 +129,7 @@ def config_to_hf(config: models.ModelConfig) -> dict[str, Any]:
   hf_config = family.to_hf(config)
   # Reading the HF config back must give our config: any field it changes is lost in HF.
   unused = {name: getattr(config, name) for name in _unused_fields(config)}
-  back = config_from_hf(hf_config, **unused)
+  back = config_from_hf(hf_config, not config.logits_via_embedding, **unused)
   lost = [f.name for f in dataclasses.fields(config)
           if getattr(back, f.name) != getattr(config, f.name)]
   if lost:
@@ -159,14 +165,19 @@ def _unsupported(hf_config: Mapping[str, Any], name: str, value: Any, allowed: s
                    f'must be {allowed}.')
 
 
-def _t5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+def _t5_config(hf: Mapping[str, Any], output_layer: bool | None) -> dict[str, Any]:
   feed_forward = _field(hf, 'feed_forward_proj')
   if feed_forward not in _T5_FEED_FORWARD:
     _unsupported(hf, 'feed_forward_proj', feed_forward, f'one of {sorted(_T5_FEED_FORWARD)}')
   # T5 1.0 ties the output layer to the embedding and scales its input by d_model**-0.5;
-  # T5 1.1 does neither. transformers >= 5 always writes tie_word_embeddings=True for T5 and
-  # keeps the original flag as `scale_decoder_outputs`.
-  tied = hf.get('scale_decoder_outputs', hf.get('tie_word_embeddings', True))
+  # T5 1.1 does neither. transformers 4 did both exactly when `tie_word_embeddings` (default
+  # True) was set. transformers 5 scales by `scale_decoder_outputs` and always writes
+  # tie_word_embeddings=True: it ties the head unless the checkpoint has its own lm_head, so
+  # a T5.1.1 built and saved by it is tied but unscaled. An lm_head.weight beside a scaled
+  # (T5 1.0) head must be a tied copy (`_check_tied_copies` verifies it); beside an unscaled
+  # head it is used as it is, which gives the same logits when it is a copy.
+  scaled = bool(hf.get('scale_decoder_outputs', hf.get('tie_word_embeddings', True)))
+  tied = scaled if output_layer is None else scaled or not output_layer
   num_layers = _field(hf, 'num_layers')
   return dict(
       architecture='encoder_decoder', vocab_size=_field(hf, 'vocab_size'),
@@ -174,7 +185,7 @@ def _t5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
       head_dim=_field(hf, 'd_kv'), d_ff=_field(hf, 'd_ff'), num_encoder_layers=num_layers,
       num_decoder_layers=hf.get('num_decoder_layers') or num_layers,
       activations=_T5_FEED_FORWARD[feed_forward], dropout_rate=hf.get('dropout_rate', 0.0),
-      logits_via_embedding=bool(tied), scale_tied_logits=True,
+      logits_via_embedding=tied, scale_tied_logits=scaled,
       position_embedding='relative',
       relative_attention_num_buckets=_field(hf, 'relative_attention_num_buckets'),
       relative_attention_max_distance=_field(hf, 'relative_attention_max_distance'),
@@ -187,6 +198,7 @@ def _t5_to_hf(config: models.ModelConfig) -> dict[str, Any]:
     raise ValueError(f'Cannot export to HF t5: activations={config.activations!r}; must be '
                      f'one of {sorted(_T5_FEED_FORWARD.values())}.')
   tied = config.logits_via_embedding
+  scaled = tied and config.scale_tied_logits
   return dict(
       architectures=['T5ForConditionalGeneration'], model_type='t5',
       vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.head_dim,
@@ -195,10 +207,10 @@ def _t5_to_hf(config: models.ModelConfig) -> dict[str, Any]:
       relative_attention_num_buckets=config.relative_attention_num_buckets,
       relative_attention_max_distance=config.relative_attention_max_distance,
       dropout_rate=config.dropout_rate, layer_norm_epsilon=config.norm_eps,
-      # transformers < 5 unties the head on tie_word_embeddings=False; >= 5 always ties T5's
-      # config, takes the output scaling from these flags and keeps an lm_head.weight that
-      # is present and differs from shared.weight untied.
-      tie_word_embeddings=tied, scale_decoder_outputs=tied, is_encoder_decoder=True,
+      # transformers < 5 unties the head on tie_word_embeddings=False and scales exactly when
+      # tied (so it misreads a tied, unscaled head); >= 5 always ties T5's config, scales by
+      # `scale_decoder_outputs` and keeps an lm_head.weight that differs from shared untied.
+      tie_word_embeddings=tied, scale_decoder_outputs=scaled, is_encoder_decoder=True,
       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
@@ -213,7 +225,8 @@ def _llama_rope_theta(hf: Mapping[str, Any]) -> float:
   return float(rope.get('rope_theta', hf.get('rope_theta', 10000.0)))
 
 
-def _llama_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+def _llama_config(hf: Mapping[str, Any], output_layer: bool | None) -> dict[str, Any]:
+  del output_layer  # transformers honours Llama's tie_word_embeddings as written
   for name, allowed in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
     if hf.get(name, allowed) != allowed:
       _unsupported(hf, name, hf[name], repr(allowed))
@@ -401,18 +414,28 @@ def _check_tied_copies(source: TensorSource, family: _Family,
   """The tied copies of the embedding in `source`, checked to equal it."""
   names = family.tied_copies + (('lm_head.weight',) if config.logits_via_embedding else ())
   present = {name for name in names if name in source.names()}
-  rows = source.shape(family.embedding)[0]
-  block = 4096  # compared a block of rows at a time: no host holds a whole embedding
   for name in sorted(present):
-    same = source.shape(name) == source.shape(family.embedding) and all(
-        np.array_equal(source.read(name, (slice(i, i + block),)),
-                       source.read(family.embedding, (slice(i, i + block),)))
-        for i in range(0, rows, block))
-    if not same:
+    if not _equal(source, name, family.embedding):
       raise ValueError(f'HF tensor {name!r} differs from {family.embedding!r}, of which it '
                        f'should be a tied copy (logits_via_embedding='
                        f'{config.logits_via_embedding}).')
   return present
+
+
+def _equal(source: TensorSource, name: str, other: str) -> bool:
+  """Whether two tensors are equal, compared a block of rows at a time: no host holds a whole
+  embedding."""
+  if source.shape(name) != source.shape(other):
+    return False
+  rows, block = source.shape(name)[0], 4096
+  return all(np.array_equal(source.read(name, (slice(i, min(i + block, rows)),)),
+                            source.read(other, (slice(i, min(i + block, rows)),)))
+             for i in range(0, rows, block))
+
+
+def has_output_layer(source: TensorSource) -> bool:
+  """Whether an HF checkpoint holds an `lm_head.weight` (see `config_from_hf`)."""
+  return 'lm_head.weight' in source.names()
 
 
 def _read(source: TensorSource, tensor: _Tensor, shape: tuple[int, ...],

@@ -89,11 +89,13 @@ def load_hf_checkpoint(path: str, partitioner: partitioning.Partitioner | None =
       read from the files on its own; None gives float32 numpy arrays.
     **overrides: our config fields to set, as in `hf.config_from_hf`.
   """
-  config = hf.config_from_hf(_read_hf_config(path), **overrides)
-  shardings = None
-  if partitioner:
-    shardings = partitioner.boxed_shardings(models.boxed_param_shapes(config))
+  hf_config = _read_hf_config(path)
   with SafetensorsSource(path) as source:
+    config = hf.config_from_hf(hf_config, hf.has_output_layer(source), **overrides)
+    shardings = None
+    if partitioner:
+      shardings = partitioner.boxed_shardings(models.boxed_param_shapes(config),
+                                              replicate_indivisible=True)
     return config, hf.params_from_source(source, config, shardings)
 
 
@@ -154,18 +156,20 @@ def _new_directory(path: str, what: str) -> None:
     raise ValueError(f'cannot create {what} {path!r} ({e.strerror}).') from None
 
 
-def convert(hf_dir: str, workdir: str) -> models.ModelConfig:
+def convert(hf_dir: str, workdir: str,
+            mesh_shape: tuple[int, ...] = (1, -1, 1)) -> models.ModelConfig:
   """HF directory -> `workdir/config.py`, `workdir/checkpoints/0` (params) and its tokenizer.
 
-  The params are read sharded over all local devices (the mesh's fsdp axis), so each device
-  reads only its slice of every tensor. Everything is checked before anything is written.
+  The params are read sharded over `mesh_shape` (by default every local device on the fsdp
+  axis), so each device reads only its slice of every tensor; a dim the mesh does not divide
+  is read replicated, with a warning. Everything is checked before anything is written.
 
   Returns:
     The model config written.
   """
   _check_new(workdir, 'workdir')
   model_type = _read_hf_config(hf_dir).get('model_type')
-  partitioner = partitioning.Partitioner(partitioning.make_mesh((1, -1, 1)))
+  partitioner = partitioning.Partitioner(partitioning.make_mesh(mesh_shape))
   config, params = load_hf_checkpoint(hf_dir, partitioner)
   tokenizer = _tokenizer(hf_dir)
   if tokenizer:

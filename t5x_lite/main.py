@@ -29,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 _HF_DIR = flags.DEFINE_string(
     'hf_dir', None, 'Hugging Face model directory: read by convert, written by export.')
+_MESH_SHAPE = flags.DEFINE_list(
+    'mesh_shape', ['1', '-1', '1'],
+    'convert: the (data,fsdp,model) mesh the params are read onto, e.g. 1,-1,1.')
 
 
 def _fail(message: str) -> None:
@@ -156,7 +159,11 @@ def convert(config: ml_collections.ConfigDict | None) -> None:
   hf_dir, workdir = _hf_dir('convert'), _WORKDIR.value
   if not workdir:
     _fail('--workdir is required for convert: the new directory to write, e.g. runs/t5_small')
-  model = hf_io.convert(hf_dir, workdir)
+  try:
+    mesh_shape = tuple(int(size.strip('() ')) for size in _MESH_SHAPE.value)
+  except ValueError:
+    _fail(f'--mesh_shape={",".join(_MESH_SHAPE.value)} must be three integers, e.g. 1,-1,1')
+  model = hf_io.convert(hf_dir, workdir, mesh_shape)
   print(f'converted {hf_dir} ({model.architecture}, '
         f'{models.count_params(models.param_shapes(model)):,} params) to {workdir}: '
         + ', '.join(sorted(os.listdir(workdir))))

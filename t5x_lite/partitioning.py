@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'model')
@@ -116,12 +117,46 @@ class Partitioner:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
-  def boxed_shardings(self, boxed_tree: Any) -> Any:
-    """Shardings for a tree whose leaves are `nn.LogicallyPartitioned` (or plain) values."""
-    return jax.tree.map(
-        lambda x: (self.sharding(x.names) if isinstance(x, nn.LogicallyPartitioned)
-                   else self.replicated()),
-        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  def boxed_shardings(self, boxed_tree: Any, replicate_indivisible: bool = False) -> Any:
+    """Shardings for a tree whose leaves are `nn.LogicallyPartitioned` (or plain) values.
+
+    Args:
+      boxed_tree: e.g. `models.boxed_param_shapes(config)`.
+      replicate_indivisible: a dim whose size the mesh axes it maps to do not divide is
+        replicated along them, with one warning per logical axis (as T5X's and MaxText's
+        partitioners allow); False raises a ValueError naming the first such param, its
+        shape, the logical and the mesh axes.
+    """
+    replicated = {}  # (logical axis, size, mesh axes, ways) -> params replicated for it
+
+    def leaf_sharding(path, x):
+      if not isinstance(x, nn.LogicallyPartitioned):
+        return self.replicated()
+      dims = list(nn.logical_to_mesh_axes(tuple(x.names), self.rules))
+      for dim, (size, logical) in enumerate(zip(getattr(x.value, 'shape', ()), x.names)):
+        axes = (dims[dim],) if isinstance(dims[dim], str) else tuple(dims[dim] or ())
+        ways = int(np.prod([self.mesh.shape[axis] for axis in axes]))
+        if size % ways == 0:
+          continue
+        name = '/'.join(_keys(path))
+        if not replicate_indivisible:
+          raise ValueError(
+              f'param {name} of shape {tuple(x.value.shape)}: dim {dim} (logical axis '
+              f'{logical!r}, size {size}) cannot be split {ways} ways over mesh axis '
+              f'{"+".join(axes)} (mesh {dict(self.mesh.shape)}); choose a mesh_shape whose '
+              f'{"+".join(axes)} size divides {size}, or replicate the axis with '
+              f'--config.axis_rules.{logical}=')
+        replicated.setdefault((logical, size, '+'.join(axes), ways), []).append(name)
+        dims[dim] = None
+      return NamedSharding(self.mesh, PartitionSpec(*dims))
+
+    shardings = jax.tree_util.tree_map_with_path(
+        leaf_sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    for (logical, size, axes, ways), names in replicated.items():
+      logging.warning('%d param(s) replicated along mesh axis %s, which cannot split their '
+                      'logical axis %r (size %d) %d ways: e.g. %s', len(names), axes, logical,
+                      size, ways, names[0])
+    return shardings
 
   def matching_shardings(self, tree: Any, params: Any, param_shardings: Any) -> Any:
     """Shardings for an optimizer state: a leaf shaped like the param whose path it contains

@@ -126,7 +126,8 @@ def setup_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def setup_partitioner(config: ml_collections.ConfigDict) -> partitioning.Partitioner:
-  """The mesh and axis rules, checking the batch splits evenly over the data axes."""
+  """The mesh and axis rules, checking that the batch and every param (from abstract shapes,
+  nothing allocated) split evenly over their mesh axes."""
   mesh = partitioning.make_mesh(config.mesh_shape)
   partitioner = partitioning.Partitioner(
       mesh, partitioning.logical_rules(config.axis_rules.to_dict()))
@@ -137,6 +138,7 @@ def setup_partitioner(config: ml_collections.ConfigDict) -> partitioning.Partiti
         f'train.batch_size={batch_size} with num_microbatches='
         f'{config.train.num_microbatches} must split into microbatches divisible by the '
         f'data-parallel size {partitioner.data_parallel_size} (mesh {dict(mesh.shape)}).')
+  partitioner.boxed_shardings(models.boxed_param_shapes(config_lib.model_config(config)))
   return partitioner
 
 
