@@ -109,6 +109,111 @@ def test_round_trip_is_bit_exact(tmp_path, name, scan_layers):
     assert hf.config_from_hf(json.load(f), scan_layers=scan_layers) == config
 
 
+# ------------------------------------------------- T5 heads as transformers 4 and 5 save them
+
+
+def test_t5_1_1_saved_by_transformers_5_is_tied_and_unscaled(tmp_path):
+  """transformers 5 ties T5's lm_head at construction even with tie_word_embeddings=False and
+  saves no lm_head.weight; it runs such a model with tied, unscaled logits, and so do we."""
+  torch.manual_seed(0)
+  model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=300, d_model=48, num_heads=3, d_kv=16, d_ff=80, num_layers=3,
+      num_decoder_layers=2, feed_forward_proj='gated-gelu', tie_word_embeddings=False,
+      dropout_rate=0.0))
+  model.save_pretrained(tmp_path)
+  with open(tmp_path / 'config.json', encoding='utf-8') as f:
+    saved = json.load(f)
+  assert (saved['tie_word_embeddings'], saved['scale_decoder_outputs']) == (True, False)
+  assert 'lm_head.weight' not in _files(str(tmp_path))
+  config, params = hf_io.load_hf_checkpoint(str(tmp_path))
+  assert config.logits_via_embedding and not config.scale_tied_logits
+  reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  check_logits(reloaded, config, params)
+
+
+def _write_transformers_4_dir(path, model: torch.nn.Module, hf_config: dict) -> None:
+  """`model` as transformers 4 saved it: its config fields (no `scale_decoder_outputs`) and
+  a safetensors file without the embedding's tied copies."""
+  os.makedirs(path)
+  with open(os.path.join(path, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump({**hf_config, 'transformers_version': '4.46.3'}, f)
+  tensors = {name: t.detach().numpy() for name, t in model.state_dict().items()
+             if name not in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')}
+  save_file(tensors, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+_T5_4X_FIELDS = dict(
+    model_type='t5', architectures=['T5ForConditionalGeneration'], vocab_size=VOCAB,
+    d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, num_decoder_layers=3,
+    relative_attention_num_buckets=16, relative_attention_max_distance=20, dropout_rate=0.0,
+    layer_norm_epsilon=1e-6, is_encoder_decoder=True, decoder_start_token_id=0,
+    pad_token_id=0, eos_token_id=1)
+
+
+@pytest.mark.parametrize('version', ['1.1', '1.0'])
+def test_t5_saved_by_transformers_4_converts(tmp_path, version):
+  """T5.1.1 in transformers 4: tie_word_embeddings=false and its own lm_head.weight; T5 1.0:
+  no tie flag (True by default), no lm_head.weight, logits scaled by d_model**-0.5."""
+  if version == '1.1':
+    model = hf_t5('gated-gelu', tied=False)
+    fields = dict(feed_forward_proj='gated-gelu', tie_word_embeddings=False)
+  else:
+    model = hf_t5('relu', tied=True)
+    fields = dict(feed_forward_proj='relu')
+  path = str(tmp_path / 'hf')
+  state = model.state_dict()
+  if version == '1.0':  # transformers 4 drops the tied head from the files
+    model.lm_head.weight = torch.nn.Parameter(state['shared.weight'].clone())
+  _write_transformers_4_dir(path, model, {**_T5_4X_FIELDS, **fields})
+  if version == '1.0':
+    os.remove(os.path.join(path, 'model.safetensors'))
+    save_file({k: v.numpy() for k, v in state.items() if 'embed_tokens' not in k
+               and k != 'lm_head.weight'}, os.path.join(path, 'model.safetensors'),
+              metadata={'format': 'pt'})
+  assert ('lm_head.weight' in _files(path)) == (version == '1.1')
+  config, params = hf_io.load_hf_checkpoint(path)
+  assert config.logits_via_embedding == config.scale_tied_logits == (version == '1.0')
+  check_logits(model, config, params)  # against the model that was saved
+  reloaded = transformers.T5ForConditionalGeneration.from_pretrained(path).eval()
+  check_logits(reloaded, config, params)  # and against transformers 5 reading the files
+
+
+def test_tied_unscaled_t5_exports_as_transformers_5_writes_it(tmp_path):
+  config, params = _our_model('t5_1_1')
+  config = dataclasses.replace(config, logits_via_embedding=True, scale_tied_logits=False)
+  del params['logits_dense']
+  # An unscaled tied head: embeddings of norm ~1, so logits are O(1) as the tolerance assumes.
+  params['token_embedder']['embedding'] *= config.d_model**-0.5
+  hf_config = hf_io.save_hf(params, config, str(tmp_path / 'hf'))
+  assert (hf_config['tie_word_embeddings'], hf_config['scale_decoder_outputs']) == (True, False)
+  theirs = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / 'hf')).eval()
+  check_logits(theirs, config, params)
+  assert hf_io.load_hf_checkpoint(str(tmp_path / 'hf'))[0] == config
+
+
+def test_cli_convert_on_five_devices_replicates_what_does_not_split(tmp_path):
+  """d_model 48 on a 5-device host: `embed` dims are read replicated, with one warning."""
+  torch.manual_seed(0)
+  model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=300, d_model=48, num_heads=3, d_kv=16, d_ff=80, num_layers=3,
+      num_decoder_layers=2, feed_forward_proj='gated-gelu', tie_word_embeddings=False,
+      dropout_rate=0.0)).eval()
+  model.save_pretrained(tmp_path / 'hf')
+  out = tmp_path / 'ours'
+  run = Run(['convert', f'--hf_dir={tmp_path / "hf"}', f'--workdir={out}'],
+            str(tmp_path / 'logs'), 'convert', devices=5).check()
+  warnings = [line for line in run.stderr.splitlines() if 'replicated along' in line]
+  assert len(warnings) == 1 and "logical axis 'embed' (size 48) 5 ways" in warnings[0]
+  config = _load_config(str(out / 'config.py'))
+  model_config = config_lib.model_config(config)
+  params, _ = eval_commands.load_params(config, str(out), eval_commands.make_partitioner(config))
+  check_logits(model, model_config, jax.device_get(params))
+  bad = Run(['convert', f'--hf_dir={tmp_path / "hf"}', f'--workdir={tmp_path / "x"}',
+             '--mesh_shape=1,two,1'], str(tmp_path / 'logs'), 'bad_mesh', devices=5).wait()
+  assert_one_error_line(bad, '--mesh_shape=1,two,1', 'three integers')
+  assert not (tmp_path / 'x').exists()
+
+
 # ---------------------------------------------------------------- sharded streaming import
 
 

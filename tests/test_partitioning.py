@@ -14,6 +14,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from test_main import Run, assert_one_error_line
+
 from t5x_lite import config as config_lib
 from t5x_lite import models, optimizers, partitioning
 
@@ -275,6 +277,58 @@ def test_boxed_shardings_plain_leaves_replicated(partitioner_222):
   shardings = partitioner_222.boxed_shardings(tree)
   assert shardings['a'].spec == P('fsdp', 'model')
   assert shardings['b'].spec == P()
+
+
+# --- dims the mesh cannot split ---------------------------------------------------------
+
+
+def test_indivisible_param_is_one_line_naming_param_axes_and_fix():
+  partitioner = partitioning.Partitioner(partitioning.make_mesh((1, 1, 2), jax.devices()[:2]))
+  boxed = _boxed_params(_model_config('t5_1_1_tiny', num_heads=3))
+  with pytest.raises(ValueError) as error:
+    partitioner.boxed_shardings(boxed)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith(
+      "param decoder/layers_0/cross_attention/key/kernel of shape (64, 3, 16): dim 1 "
+      "(logical axis 'kv_heads', size 3) cannot be split 2 ways over mesh axis model")
+  assert message.endswith('or replicate the axis with --config.axis_rules.kv_heads=')
+  # The fix it names works: with heads replicated, every param has a sharding.
+  rules = partitioning.logical_rules({'heads': '', 'kv_heads': ''})
+  shardings = _flat(partitioning.Partitioner(partitioner.mesh, rules).boxed_shardings(boxed))
+  assert shardings['decoder/layers_0/cross_attention/key/kernel'].spec == P('fsdp', None, None)
+  assert shardings['decoder/layers_0/mlp/wi_0/kernel'].spec == P('fsdp', 'model')
+
+
+def test_indivisible_dims_replicated_with_one_warning_per_axis(caplog):
+  """d_model 48 on 5 fsdp devices: every `embed` dim is replicated, the rest stay sharded."""
+  partitioner = partitioning.Partitioner(partitioning.make_mesh((1, 5, 1), jax.devices()[:5]))
+  boxed = _boxed_params(_model_config('t5_1_1_tiny', d_model=48, vocab_size=320))
+  shardings = _flat(partitioner.boxed_shardings(boxed, replicate_indivisible=True))
+  assert shardings['token_embedder/embedding'].spec == P('model', None)
+  assert shardings['encoder/layers_0/mlp/wi_0/kernel'].spec == P(None, 'model')
+  assert shardings['encoder/final_norm/scale'].spec == P(None)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  embed_params = sum('embed' in box.names for box in jax.tree.leaves(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+  assert warnings == [
+      f"{embed_params} param(s) replicated along mesh axis fsdp, which cannot split their "
+      "logical axis 'embed' (size 48) 5 ways: e.g. decoder/final_norm/scale"]
+  # A dim the mesh does divide keeps its sharding: vocab 320 over fsdp when embed is free.
+  rules = partitioning.logical_rules({'vocab': 'fsdp', 'embed': ''})
+  by_name = _flat(partitioning.Partitioner(partitioner.mesh, rules).boxed_shardings(boxed))
+  assert by_name['token_embedder/embedding'].spec == P('fsdp', None)
+
+
+def test_cli_train_with_indivisible_mesh_leaves_no_workdir(tmp_path):
+  workdir = tmp_path / 'run'
+  run = Run(['train', '--config=configs/t5_1_1_tiny.py', f'--workdir={workdir}',
+             '--config.mesh_shape=(1,1,2)', '--config.model.num_heads=3',
+             '--config.train.num_steps=1'], tmp_path / 'logs', 'train', devices=2).wait()
+  assert_one_error_line(run, 'param decoder/layers_0/cross_attention/key/kernel of shape '
+                        "(64, 3, 16)", "logical axis 'kv_heads'", 'mesh axis model',
+                        '--config.axis_rules.kv_heads=')
+  assert not workdir.exists()
 
 
 # --- matching_shardings on real optimizer states -------------------------------------------
