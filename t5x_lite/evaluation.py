@@ -111,7 +111,8 @@ def _predict(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mode
       vocab_limit=vocab_limit)
   tokens = batch.get('encoder_input_tokens', batch.get('prompt'))
   return decoding.decode(tokens_to_logits, cache, config=decode_config,
-                         batch_size=tokens.shape[0], rng=rng, prompt=batch.get('prompt'))
+                         batch_size=tokens.shape[0], rng=rng, prompt=batch.get('prompt'),
+                         start_id=model.config.decoder_start_token_id)
 
 
 def _score(params: Any, batch: Mapping[str, Array], *, model: Model, layout: Any) -> Array:
@@ -161,7 +162,7 @@ def predict_batch(model: Model, params: Any, batch: Mapping[str, np.ndarray],
   Args:
     model, params: the model and its params (sharded or not).
     batch: 'encoder_input_tokens' [b, l] for an encoder-decoder, 'prompt' [b, P] for a
-      decoder-only model (right-padded with 0, starting with the model's start token 0;
+      decoder-only model (right-padded with 0, starting with the model's start token;
       see `FeatureBuilder.predict_features`).
     decode_config: the search.
     rng: for sampling; default key(0).
@@ -265,16 +266,20 @@ class FeatureBuilder:
     feature_lengths: {'inputs': n, 'targets': m}; over-long inputs and targets are cut.
     bidirectional_prefix: decoder-only scoring lets the inputs attend both ways (a
       prefix-LM); False for a causal LM.
+    start_id: the decoder's first input, the model's `decoder_start_token_id` (T5's 0, or
+      a tokenizer's BOS).
   """
 
   architecture: str
   feature_lengths: Mapping[str, int]
   bidirectional_prefix: bool = True
+  start_id: int = 0
 
   @functools.cached_property
   def _converter(self) -> feature_converters.FeatureConverter:
     name = 'enc_dec' if self.architecture == 'encoder_decoder' else 'prefix_lm'
-    return feature_converters.get_converter(name, dict(self.feature_lengths))
+    return feature_converters.get_converter(name, dict(self.feature_lengths),
+                                            start_id=self.start_id)
 
   def _fit_inputs(self, example: Mapping[str, Any]) -> Example:
     # A decoder-only prompt keeps its last tokens: a few-shot prompt ends with the query.
@@ -292,13 +297,13 @@ class FeatureBuilder:
 
   def predict_features(self, example: Mapping[str, Any]) -> Batch:
     """What generation conditions on, right-padded with 0: the encoder tokens, or a
-    decoder-only prompt of the inputs after the start token 0 (as in the shifted-right
+    decoder-only prompt of the inputs after the start token (as in the shifted-right
     training inputs), one longer than the inputs' feature length."""
     length = self.feature_lengths['inputs']
     inputs = np.asarray(self._fit_inputs(example)['inputs'], np.int32)[:length]
     if self.architecture == 'encoder_decoder':
       return {'encoder_input_tokens': np.pad(inputs, (0, length - len(inputs)))}
-    return {'prompt': np.pad(np.concatenate([[0], inputs]).astype(np.int32),
+    return {'prompt': np.pad(np.concatenate([[self.start_id], inputs]).astype(np.int32),
                              (0, length - len(inputs)))}
 
 
@@ -417,7 +422,7 @@ class Evaluator:
     self.examples = load_examples(task, split, num_examples)
     self.vocabulary = task.output_features['targets'].vocabulary
     self.builder = FeatureBuilder(model.config.architecture, dict(feature_lengths),
-                                  bidirectional_prefix)
+                                  bidirectional_prefix, model.config.decoder_start_token_id)
     _warn_over_long(self.examples, feature_lengths['inputs'], model.config.architecture)
     self.batch_size = _round_up(batch_size, partitioner)
     self.decode_config = decode_config

@@ -189,7 +189,8 @@ def _t5_config(hf: Mapping[str, Any], output_layer: bool | None) -> dict[str, An
       position_embedding='relative',
       relative_attention_num_buckets=_field(hf, 'relative_attention_num_buckets'),
       relative_attention_max_distance=_field(hf, 'relative_attention_max_distance'),
-      scale_attention_logits=False, norm_eps=_field(hf, 'layer_norm_epsilon'))
+      scale_attention_logits=False, norm_eps=_field(hf, 'layer_norm_epsilon'),
+      decoder_start_token_id=hf.get('decoder_start_token_id') or 0)
 
 
 def _t5_to_hf(config: models.ModelConfig) -> dict[str, Any]:
@@ -211,7 +212,7 @@ def _t5_to_hf(config: models.ModelConfig) -> dict[str, Any]:
       # tied (so it misreads a tied, unscaled head); >= 5 always ties T5's config, scales by
       # `scale_decoder_outputs` and keeps an lm_head.weight that differs from shared untied.
       tie_word_embeddings=tied, scale_decoder_outputs=scaled, is_encoder_decoder=True,
-      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+      decoder_start_token_id=config.decoder_start_token_id, pad_token_id=0, eos_token_id=1)
 
 
 def _llama_rope_theta(hf: Mapping[str, Any]) -> float:
@@ -241,7 +242,9 @@ def _llama_config(hf: Mapping[str, Any], output_layer: bool | None) -> dict[str,
       dropout_rate=0.0,
       logits_via_embedding=bool(hf.get('tie_word_embeddings', False)),
       scale_tied_logits=False, position_embedding='rope', rope_theta=_llama_rope_theta(hf),
-      scale_attention_logits=True, norm_eps=_field(hf, 'rms_norm_eps'))
+      scale_attention_logits=True, norm_eps=_field(hf, 'rms_norm_eps'),
+      # HF prepends BOS to every sequence; we feed it as the start token. No BOS: 0, as T5.
+      decoder_start_token_id=hf.get('bos_token_id', 1) or 0)
 
 
 def _llama_to_hf(config: models.ModelConfig) -> dict[str, Any]:
@@ -253,7 +256,8 @@ def _llama_to_hf(config: models.ModelConfig) -> dict[str, Any]:
       rms_norm_eps=config.norm_eps, tie_word_embeddings=config.logits_via_embedding,
       rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
       rope_theta=config.rope_theta,  # where transformers < 5 reads it
-      attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2,
+      attention_bias=False, mlp_bias=False, bos_token_id=config.decoder_start_token_id,
+      eos_token_id=2,
       # RoPE has no length limit; HF wants one (generation defaults read it).
       max_position_embeddings=4096)
 

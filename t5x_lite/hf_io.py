@@ -117,11 +117,14 @@ def _config_file(config: models.ModelConfig, model_type: str, hf_dir: str, workd
   """The text of a runnable config file for a converted model."""
   fields = ''.join(f'    {name}={value!r},\n' for name, value in dataclasses.asdict(config).items())
   imports, vocabulary = '', ''
+  if config.architecture == 'decoder_only':
+    # A causal LM (as HF runs it): eval/score attend causally over the prompt too.
+    vocabulary = "  config.data.converter = 'lm'\n"
   if tokenizer:
     imports = 'import os\n\n'
-    vocabulary = ('  # The tokenizer that came with the model.\n'
-                  f'  config.data.vocabulary = os.path.join(os.path.dirname(__file__), '
-                  f'{tokenizer!r})\n')
+    vocabulary += ('  # The tokenizer that came with the model.\n'
+                   f'  config.data.vocabulary = os.path.join(os.path.dirname(__file__), '
+                   f'{tokenizer!r})\n')
   return f'''"""HF {model_type} model converted from {os.path.abspath(hf_dir)}
 by `python -m t5x_lite.main convert`.
 

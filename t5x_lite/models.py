@@ -57,6 +57,9 @@ class ModelConfig:
   dtype: str = 'float32'  # activations; params are always float32
   scan_layers: bool = False
   remat_policy: str = 'none'
+  # The first decoder input (teacher forcing, prompts, decoding): T5's 0, or the BOS id of a
+  # tokenizer that has one (Llama's 1).
+  decoder_start_token_id: int = 0
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -88,6 +91,8 @@ class ModelConfig:
            self.position_embedding, f'one of {POSITION_EMBEDDINGS}')
     if self.position_embedding == 'rope':
       _check(self.head_dim % 2 == 0, 'head_dim', self.head_dim, 'an even number with RoPE')
+    _check(0 <= self.decoder_start_token_id < self.vocab_size, 'decoder_start_token_id',
+           self.decoder_start_token_id, f'an id in [0, vocab_size={self.vocab_size})')
     _check(0.0 <= self.dropout_rate < 1.0, 'dropout_rate', self.dropout_rate, 'in [0, 1)')
     _check(self.dtype in DTYPES, 'dtype', self.dtype, f'one of {DTYPES}')
     _check(self.remat_policy in REMAT_POLICIES, 'remat_policy', self.remat_policy,

@@ -342,7 +342,7 @@ def pipeline_batches(config: ml_collections.ConfigDict, shard_index: int,
       config.train.batch_size // shard_count, seed=config.seed, shuffle=data.shuffle,
       shard_index=shard_index, shard_count=shard_count, pack=data.pack,
       converter=data.converter, truncate=data.truncate, num_workers=data.num_workers,
-      log_every=0))
+      log_every=0, start_id=config.model.decoder_start_token_id))
 
 
 def _flops_per_token(config: ml_collections.ConfigDict,

@@ -54,6 +54,20 @@ def test_enc_dec_packs_two_examples_into_one_row():
   })
 
 
+def test_start_token_begins_every_packed_example():
+  """A BOS start id (Llama's 1) replaces T5's 0 at each example's start; padding stays 0."""
+  converter = fc.get_converter('prefix_lm', {'inputs': 5, 'targets': 4}, start_id=1)
+  [row] = converter.pack([_ex(inputs=[7, 8, 2], targets=[3, 2]),
+                          _ex(inputs=[9, 2], targets=[4, 2])])
+  np.testing.assert_array_equal(row['decoder_target_tokens'], [7, 8, 2, 3, 2, 9, 2, 4, 2])
+  np.testing.assert_array_equal(row['decoder_input_tokens'], [1, 7, 8, 2, 3, 1, 9, 2, 4])
+  padded = fc.get_converter('lm', {'targets': 5}, start_id=1).convert(_ex(targets=[3, 9, 2]))
+  np.testing.assert_array_equal(padded['decoder_input_tokens'], [1, 3, 9, 2, 0])
+  np.testing.assert_array_equal(
+      fc.shift_right(np.array([[5, 2, 6, 2, 0, 0]]), np.array([[1, 1, 2, 2, 0, 0]]), 1),
+      [[1, 5, 1, 6, 0, 0]])
+
+
 def test_lm_packed_and_unpacked():
   converter = fc.get_converter('lm', {'targets': 6})
   [row] = converter.pack([_ex(targets=[3, 9, 1]), _ex(targets=[4, 1])])

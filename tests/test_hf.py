@@ -46,11 +46,12 @@ def hf_t5(feed_forward_proj: str, tied: bool, seed: int = 0, vocab_size: int = V
   return model
 
 
-def hf_llama(tied: bool, seed: int = 0, num_heads: int = 4, num_kv_heads: int = 2):
+def hf_llama(tied: bool, seed: int = 0, num_heads: int = 4, num_kv_heads: int = 2,
+             vocab_size: int = VOCAB):
   """A tiny random HF Llama with grouped-query attention and RoPE theta 5e5."""
   torch.manual_seed(seed)
   config = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
       max_position_embeddings=64,
       rope_parameters={'rope_type': 'default', 'rope_theta': 500000.0}, rms_norm_eps=1e-5,

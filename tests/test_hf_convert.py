@@ -351,6 +351,35 @@ def _load_config(path: str):
   return module.get_config()
 
 
+def test_cli_score_of_a_converted_llama_equals_hf_with_its_bos(tmp_path, tokenizers):
+  """HF runs Llama on BOS + text; the converted model's start token is that BOS (1), so
+  `score` gives HF's log-likelihood of the targets after BOS + input."""
+  model = hf_llama(tied=False, vocab_size=400)
+  assert model.config.bos_token_id == 1
+  hf_dir, out = tmp_path / 'hf', tmp_path / 'ours'
+  model.save_pretrained(hf_dir)
+  shutil.copyfile(tokenizers['llama'], hf_dir / 'tokenizer.model')
+  logs = str(tmp_path / 'logs')
+  Run(['convert', f'--hf_dir={hf_dir}', f'--workdir={out}'], logs, 'convert', devices=1).check()
+  config = _load_config(str(out / 'config.py'))
+  assert config.model.decoder_start_token_id == 1 and config.data.converter == 'lm'
+  Run(['score', f'--config={out / "config.py"}', f'--workdir={out}',
+       '--config.eval.num_examples=3', '--config.mesh_shape=(1,1,1)',
+       '--config.data.feature_lengths.inputs=256', '--config.data.feature_lengths.targets=256'],
+      logs, 'score', devices=1).check()
+  with open(out / 'score_translate_en_de_validation.jsonl', encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  tokenizer = spm.SentencePieceProcessor(model_file=tokenizers['llama'])
+  for row in rows:
+    prompt = [tokenizer.bos_id()] + tokenizer.encode(row['input']) + [tokenizer.eos_id()]
+    target = tokenizer.encode(row['target']) + [tokenizer.eos_id()]
+    with torch.no_grad():
+      logits = model(torch.tensor([prompt + target])).logits[0].double()
+    log_probs = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]
+    theirs = log_probs[torch.arange(len(target)), torch.tensor(target)].sum().item()
+    assert row['log_likelihood'] == pytest.approx(theirs, abs=1e-3), row
+
+
 def test_cli_convert_then_export_round_trips_with_tokenizer(tmp_path, tokenizers):
   model = hf_t5('gated-gelu', tied=False, vocab_size=512)  # spiece: 400 pieces + 100 extra
   hf_dir, out, back = tmp_path / 'hf', tmp_path / 'ours', tmp_path / 'back'

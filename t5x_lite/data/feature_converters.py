@@ -5,7 +5,8 @@ EOS already appended). A converter fits them to `task_feature_lengths` and maps 
 the models consume (see t5x_lite/models.py):
 
   enc_dec:   encoder_input_tokens, decoder_target_tokens, decoder_input_tokens (targets
-             shifted right, 0 first), decoder_loss_weights
+             shifted right after the start token: T5's 0, or a tokenizer's BOS),
+             decoder_loss_weights
   lm:        decoder_target_tokens, decoder_input_tokens, decoder_loss_weights
   prefix_lm: lm's features of inputs + targets concatenated, plus decoder_causal_attention
              (1 on the inputs and on the one position that reads the last input token,
@@ -43,16 +44,21 @@ class ConversionStats:
   dropped: int = 0
 
 
-def shift_right(targets: np.ndarray, segment_ids: np.ndarray | None = None) -> np.ndarray:
-  """Teacher-forcing inputs: targets moved one step right along the last axis, 0 first.
+def shift_right(targets: np.ndarray, segment_ids: np.ndarray | None = None,
+                start_id: int = 0) -> np.ndarray:
+  """Teacher-forcing inputs: targets moved one step right along the last axis, `start_id`
+  first (T5's 0; a decoder-only model whose tokenizer has a BOS, e.g. Llama's 1, uses that).
 
-  With `segment_ids` every packed example starts again with 0 instead of the previous
-  example's last token (its EOS).
+  With `segment_ids` every packed example starts again with `start_id` instead of the
+  previous example's last token (its EOS); padding (segment 0) stays 0.
   """
   shifted = np.zeros_like(targets)
+  shifted[..., 0] = start_id
   shifted[..., 1:] = targets[..., :-1]
   if segment_ids is not None:
-    shifted[..., 1:] *= segment_ids[..., 1:] == segment_ids[..., :-1]
+    starts = np.ones_like(segment_ids, bool)
+    starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+    shifted = np.where(starts, np.where(segment_ids != 0, start_id, 0), shifted)
   return shifted
 
 
@@ -89,13 +95,14 @@ class FeatureConverter(abc.ABC):
 
   Over-long examples are truncated to their first `length` tokens (`truncate=True`) or
   dropped; either way `stats` counts them and a warning with the count is logged at the
-  1st, 10th, 100th, ... occurrence.
+  1st, 10th, 100th, ... occurrence. `start_id` is the decoder's first input (`shift_right`).
   """
 
   name: str
   task_features: tuple[str, ...]
 
-  def __init__(self, task_feature_lengths: Mapping[str, int], *, truncate: bool = True):
+  def __init__(self, task_feature_lengths: Mapping[str, int], *, truncate: bool = True,
+               start_id: int = 0):
     lengths = dict(task_feature_lengths)
     if (sorted(lengths) != sorted(self.task_features)
         or not all(isinstance(v, int) and v > 0 for v in lengths.values())):
@@ -104,6 +111,7 @@ class FeatureConverter(abc.ABC):
           f'{list(self.task_features)} to positive ints, got {lengths}.')
     self.task_feature_lengths = lengths
     self.truncate = truncate
+    self.start_id = start_id
     self.stats = ConversionStats()
 
   @property
@@ -178,13 +186,14 @@ class FeatureConverter(abc.ABC):
     """Padded or packed token-aligned features ([..., length]) -> int32 model features."""
 
 
-def _decoder_features(rows: Mapping[str, np.ndarray], loss_weights: np.ndarray) -> Features:
+def _decoder_features(rows: Mapping[str, np.ndarray], loss_weights: np.ndarray,
+                      start_id: int) -> Features:
   """The decoder's features from packed or padded `targets` (+ segment ids / positions)."""
   targets = rows['targets']
   segment_ids = rows.get('targets_segment_ids')
   features = {
       'decoder_target_tokens': targets,
-      'decoder_input_tokens': shift_right(targets, segment_ids),
+      'decoder_input_tokens': shift_right(targets, segment_ids, start_id),
       'decoder_loss_weights': loss_weights,
   }
   if segment_ids is not None:
@@ -205,7 +214,7 @@ class EncDecFeatureConverter(FeatureConverter):
 
   def model_features(self, rows: Mapping[str, np.ndarray]) -> Features:
     features = {'encoder_input_tokens': rows['inputs'],
-                **_decoder_features(rows, rows['targets'] != 0)}
+                **_decoder_features(rows, rows['targets'] != 0, self.start_id)}
     if 'inputs_segment_ids' in rows:
       features['encoder_segment_ids'] = rows['inputs_segment_ids']
       features['encoder_positions'] = rows['inputs_positions']
@@ -219,7 +228,7 @@ class LMFeatureConverter(FeatureConverter):
   task_features = ('targets',)
 
   def model_features(self, rows: Mapping[str, np.ndarray]) -> Features:
-    return _int32(_decoder_features(rows, rows['targets'] != 0))
+    return _int32(_decoder_features(rows, rows['targets'] != 0, self.start_id))
 
 
 class PrefixLMFeatureConverter(FeatureConverter):
@@ -234,8 +243,8 @@ class PrefixLMFeatureConverter(FeatureConverter):
   task_features = ('inputs', 'targets')
 
   def __init__(self, task_feature_lengths: Mapping[str, int], *, truncate: bool = True,
-               loss_on_targets_only: bool = True):
-    super().__init__(task_feature_lengths, truncate=truncate)
+               start_id: int = 0, loss_on_targets_only: bool = True):
+    super().__init__(task_feature_lengths, truncate=truncate, start_id=start_id)
     self.loss_on_targets_only = loss_on_targets_only
 
   @property
@@ -252,7 +261,7 @@ class PrefixLMFeatureConverter(FeatureConverter):
             'loss_weights': loss.astype(np.int32)}
 
   def model_features(self, rows: Mapping[str, np.ndarray]) -> Features:
-    features = _decoder_features(rows, rows['loss_weights'])
+    features = _decoder_features(rows, rows['loss_weights'], self.start_id)
     features['decoder_causal_attention'] = rows['causal_attention']
     return _int32(features)
 

@@ -140,7 +140,7 @@ def get_dataset(task: TaskLike, split: str, task_feature_lengths: Mapping[str, i
                 pack: bool = True, converter: str = 'enc_dec', truncate: bool = True,
                 num_packing_bins: int | None = None, drop_remainder: bool = True,
                 num_workers: int = 0, read_threads: int = 0, prefetch: int = 2,
-                log_every: int = 1000) -> Pipeline:
+                log_every: int = 1000, start_id: int = 0) -> Pipeline:
   """Batches of model features for a task or mixture, e.g. for training.
 
   Args:
@@ -162,6 +162,7 @@ def get_dataset(task: TaskLike, split: str, task_feature_lengths: Mapping[str, i
       storage); for the bundled corpora they cost throughput.
     prefetch: batches prepared ahead in a background thread (0: none).
     log_every: log the packing efficiency so far every this many batches (0: never).
+    start_id: the decoder's first input token (the model's `decoder_start_token_id`).
 
   Returns:
     A Pipeline (a grain IterDataset); its iterator yields dicts of int32 [batch_size, length]
@@ -170,7 +171,7 @@ def get_dataset(task: TaskLike, split: str, task_feature_lengths: Mapping[str, i
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
   feature_converter = feature_converters.get_converter(
-      converter, task_feature_lengths, truncate=truncate)
+      converter, task_feature_lengths, truncate=truncate, start_id=start_id)
   examples = example_dataset(task, split, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                              shard_index=shard_index, shard_count=shard_count)
   dataset = examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
