@@ -125,6 +125,10 @@ def _config_file(config: models.ModelConfig, model_type: str, hf_dir: str, workd
     vocabulary += ('  # The tokenizer that came with the model.\n'
                    f'  config.data.vocabulary = os.path.join(os.path.dirname(__file__), '
                    f'{tokenizer!r})\n')
+  else:
+    vocabulary += ('  # The HF directory had no tokenizer: pass the model\'s own with\n'
+                   '  # --config.data.vocabulary=PATH to evaluate or fine-tune it.\n'
+                   f'  config.data.vocabulary = {tasks.NO_VOCABULARY!r}\n')
   return f'''"""HF {model_type} model converted from {os.path.abspath(hf_dir)}
 by `python -m t5x_lite.main convert`.
 
@@ -221,12 +225,20 @@ def save_hf(params: hf.Params, config: models.ModelConfig, hf_dir: str,
   return hf_config
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, hf_dir: str) -> int:
-  """The newest checkpoint of a run -> an HF directory (see `save_hf`); returns its step."""
+def export(config: ml_collections.ConfigDict, workdir: str, hf_dir: str,
+           tokenizer: bool = True) -> int:
+  """The newest checkpoint of a run -> an HF directory (see `save_hf`); returns its step.
+
+  The run's vocabulary (`data.vocabulary`, or its task's) is written as the tokenizer unless
+  `tokenizer` is False or the run has none (a model converted without one).
+  """
   model_config = config_lib.model_config(config)
   hf.config_to_hf(model_config)  # an inexpressible model fails before any loading
   _check_new(hf_dir, 'hf_dir')
+  vocabulary = None
+  if tokenizer and config.data.vocabulary != tasks.NO_VOCABULARY:
+    task = tasks.with_vocabulary(tasks.get(config.data.task), config.data.vocabulary)
+    vocabulary = task.output_features['targets'].vocabulary
   params, step = eval_commands.load_params(config, workdir, eval_commands.make_partitioner(config))
-  task = tasks.with_vocabulary(tasks.get(config.data.task), config.data.vocabulary)
-  save_hf(params, model_config, hf_dir, task.output_features['targets'].vocabulary)
+  save_hf(params, model_config, hf_dir, vocabulary)
   return step

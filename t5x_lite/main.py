@@ -29,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 _HF_DIR = flags.DEFINE_string(
     'hf_dir', None, 'Hugging Face model directory: read by convert, written by export.')
+_NO_TOKENIZER = flags.DEFINE_bool(
+    'no_tokenizer', False, 'export: write no tokenizer, only config.json and the weights.')
 _MESH_SHAPE = flags.DEFINE_list(
     'mesh_shape', ['1', '-1', '1'],
     'convert: the (data,fsdp,model) mesh the params are read onto, e.g. 1,-1,1.')
@@ -148,7 +150,8 @@ def _hf_dir(command: str) -> str:
 def export(config: ml_collections.ConfigDict) -> None:
   """Writes --workdir's newest params as a Hugging Face directory (--hf_dir)."""
   hf_dir = _hf_dir('export')
-  step = hf_io.export(config, _checkpoint_workdir('export', config), hf_dir)
+  step = hf_io.export(config, _checkpoint_workdir('export', config), hf_dir,
+                      tokenizer=not _NO_TOKENIZER.value)
   print(f'wrote the step {step} params to {hf_dir}: ' + ', '.join(sorted(os.listdir(hf_dir))))
 
 

@@ -191,8 +191,9 @@ def test_tied_unscaled_t5_exports_as_transformers_5_writes_it(tmp_path):
   assert hf_io.load_hf_checkpoint(str(tmp_path / 'hf'))[0] == config
 
 
-def test_cli_convert_on_five_devices_replicates_what_does_not_split(tmp_path):
-  """d_model 48 on a 5-device host: `embed` dims are read replicated, with one warning."""
+def test_cli_convert_on_five_devices_of_a_model_without_tokenizer(tmp_path):
+  """d_model 48 on a 5-device host: `embed` dims are read replicated, with one warning. The
+  directory has no tokenizer: eval asks for one, export writes none (never a substitute)."""
   torch.manual_seed(0)
   model = transformers.T5ForConditionalGeneration(transformers.T5Config(
       vocab_size=300, d_model=48, num_heads=3, d_kv=16, d_ff=80, num_layers=3,
@@ -208,6 +209,14 @@ def test_cli_convert_on_five_devices_replicates_what_does_not_split(tmp_path):
   model_config = config_lib.model_config(config)
   params, _ = eval_commands.load_params(config, str(out), eval_commands.make_partitioner(config))
   check_logits(model, model_config, jax.device_get(params))
+  assert config.data.vocabulary == tasks.NO_VOCABULARY
+  logs = str(tmp_path / 'logs')
+  no_vocabulary = Run(['eval', f'--config={out / "config.py"}', f'--workdir={out}'], logs,
+                      'eval', devices=5).wait()
+  assert_one_error_line(no_vocabulary, 'has no tokenizer', '--config.data.vocabulary=')
+  Run(['export', f'--config={out / "config.py"}', f'--workdir={out}',
+       f'--hf_dir={tmp_path / "back"}'], logs, 'export', devices=5).check()
+  assert sorted(os.listdir(tmp_path / 'back')) == ['config.json', 'model.safetensors']
   bad = Run(['convert', f'--hf_dir={tmp_path / "hf"}', f'--workdir={tmp_path / "x"}',
              '--mesh_shape=1,two,1'], str(tmp_path / 'logs'), 'bad_mesh', devices=5).wait()
   assert_one_error_line(bad, '--mesh_shape=1,two,1', 'three integers')
@@ -405,6 +414,9 @@ def test_cli_convert_then_export_round_trips_with_tokenizer(tmp_path, tokenizers
                      f'--hf_dir={back}'], str(tmp_path / 'logs'), 'export'),
       'again': Run(['convert', f'--hf_dir={hf_dir}', f'--workdir={out}'],
                    str(tmp_path / 'logs'), 'again'),
+      'no_tokenizer': Run(['export', f'--config={out}/config.py', f'--workdir={out}',
+                           f'--hf_dir={tmp_path / "bare"}', '--no_tokenizer'],
+                          str(tmp_path / 'logs'), 'no_tokenizer'),
   }
   for kind, (bad_run, fragment) in bad.items():
     assert_one_error_line(bad_run.wait(), fragment)
@@ -412,6 +424,8 @@ def test_cli_convert_then_export_round_trips_with_tokenizer(tmp_path, tokenizers
   assert_one_error_line(runs['again'].wait(), 'already exists and is not empty')
   assert runs['export'].wait().returncode == 0, runs['export'].stderr[-3000:]
   assert sorted(os.listdir(back)) == ['config.json', 'model.safetensors', 'spiece.model']
+  runs['no_tokenizer'].check()
+  assert sorted(os.listdir(tmp_path / 'bare')) == ['config.json', 'model.safetensors']
   original = load_file(hf_dir / 'model.safetensors')
   exported = load_file(back / 'model.safetensors')
   assert original.keys() == exported.keys()

@@ -148,16 +148,25 @@ class _MixtureWithVocabulary(Mixture):
     return [with_vocabulary(task, self.vocabulary) for task in super().tasks]
 
 
+# config.data.vocabulary of a model that came without a tokenizer: never a substitute.
+NO_VOCABULARY = 'none'
+
+
 def with_vocabulary(task: Task | Mixture, vocabulary: str | vocabularies.Vocabulary
                     ) -> Task | Mixture:
   """The task (or mixture) with every feature in `vocabulary`, e.g. a converted model's.
 
   Args:
     task: a task or mixture.
-    vocabulary: a Vocabulary or a SentencePiece .model path; '' returns `task` unchanged.
+    vocabulary: a Vocabulary or a SentencePiece .model path; '' returns `task` unchanged;
+      NO_VOCABULARY (a model converted without a tokenizer) raises, asking for one.
   """
   if not vocabulary:
     return task
+  if vocabulary == NO_VOCABULARY:
+    raise ValueError(f"this model has no tokenizer (config.data.vocabulary='{NO_VOCABULARY}', "
+                     'as convert writes for an HF directory without one); pass its tokenizer '
+                     'with --config.data.vocabulary=PATH/TO/spiece.model')
   if isinstance(vocabulary, str):
     vocabulary = vocabularies.SentencePieceVocabulary(vocabulary)
   if isinstance(task, Mixture):
