@@ -41,8 +41,10 @@ def test_bundled_names_are_registered():
 def test_unknown_name_lists_the_registered_ones():
   with pytest.raises(KeyError) as error:
     tasks.get('translate_en_xx')
-  assert str(error.value) == ("unknown task or mixture 'translate_en_xx'; registered: "
-                              + ', '.join(tasks.names()))
+  assert str(error.value) == (
+      "unknown task or mixture 'translate_en_xx'; registered: " + ', '.join(tasks.names())
+      + '. To add your own TSV/JSONL data, call t5x_lite.data.tasks.register_from_config({...}) '
+      'in your config file (see the README)')
 
 
 def test_register_refuses_duplicates(registry):

@@ -249,6 +249,39 @@ def test_beam_matches_hf_without_eos(family, request):
   np.testing.assert_allclose(scores.reshape(-1), their_scores, atol=1e-4)
 
 
+def _hf_t5_log_prob(hf_model, row: int, tokens) -> float:
+  """HF's teacher-forced log-prob of `tokens` (EOS included, no padding) for one input row."""
+  tokens = [t for t in tokens if t]
+  with torch.no_grad():
+    logits = hf_model(input_ids=torch.tensor(T5_INPUTS[row:row + 1]),
+                      attention_mask=torch.tensor(T5_INPUTS[row:row + 1] > 0),
+                      decoder_input_ids=torch.tensor([[0] + tokens[:-1]])).logits[0]
+  log_probs = torch.log_softmax(logits.double(), -1)
+  return float(log_probs[torch.arange(len(tokens)), torch.tensor(tokens)].sum())
+
+
+@pytest.mark.parametrize('eos, ours_wins', [(19, True), (27, False)])
+def test_beam_differs_from_hf_only_by_t5x_eos_rules(t5, eos, ours_wins):
+  """With EOS among a step's 2k best continuations, T5X's rules (which we follow) and HF's
+  differ. EOS 19: our finished [19] beats HF's unfinished 6-token beam (HF admits an ending
+  only from the top k). EOS 27: every finished hypothesis scores below HF's unfinished beam;
+  we return the best finished one (T5X returns live beams only when nothing finished)."""
+  hf_model, model, params = t5
+  n, beams = 6, 4
+  ours, scores = _generate(model, params, T5_INPUTS, DecodeConfig(
+      method='beam', max_decode_length=n, num_beams=beams, alpha=0.0, eos_id=eos))
+  theirs, their_scores = _hf_t5_generate(
+      hf_model, n, do_sample=False, num_beams=beams, length_penalty=0.0, eos_token_id=eos,
+      return_dict_in_generate=True, output_scores=True)
+  ours, score, theirs, their_score = ours[0, 0], scores[0, 0], theirs[0], their_scores[0]
+  print(f'EOS {eos}: ours {ours.tolist()} {score:.4f}, HF {theirs.tolist()} {their_score:.4f}')
+  assert eos in ours.tolist() and eos not in theirs.tolist()  # finished vs unfinished
+  # Both scores are the teacher-forced log-probs of the hypotheses (alpha 0, lp 0).
+  assert score == pytest.approx(_hf_t5_log_prob(hf_model, 0, ours), abs=1e-4)
+  assert their_score == pytest.approx(_hf_t5_log_prob(hf_model, 0, theirs), abs=1e-4)
+  assert (score > their_score) == ours_wins
+
+
 # ----------------------------------------------------------------------------------------------
 # Beam search against brute force.
 

@@ -201,7 +201,10 @@ def register(item: Task | Mixture, overwrite: bool = False) -> Task | Mixture:
 def get(name: str) -> Task | Mixture:
   """The registered task or mixture called `name`."""
   if name not in _REGISTRY:
-    raise UnknownNameError(f'unknown task or mixture {name!r}; registered: {", ".join(names())}')
+    raise UnknownNameError(
+        f'unknown task or mixture {name!r}; registered: {", ".join(names())}. To add your '
+        'own TSV/JSONL data, call t5x_lite.data.tasks.register_from_config({...}) in your '
+        'config file (see the README)')
   return _REGISTRY[name]
 
 
