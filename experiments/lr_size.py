@@ -1,0 +1,40 @@
+"""Learning rate x model size for the quickstart model (configs/quickstart.py), short runs.
+
+Run (about 15 minutes on 2 CPU cores):
+  python -m t5x_lite.main sweep --sweep=experiments/lr_size.py --workdir=runs/lr_size \
+      --parallel=2
+Results: experiments/results/lr_size/ (results.md, results.csv, loss_curves.png, and each
+eval metric against each swept hyperparameter).
+"""
+
+import importlib.util
+import os
+
+from t5x_lite import sweeps
+
+_QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs',
+                           'quickstart.py')
+
+
+def get_config():
+  """The quickstart's model and recipe, shortened: 200 steps of 32 rows, then greedy
+  decoding of 200 validation pairs."""
+  spec = importlib.util.spec_from_file_location('quickstart', _QUICKSTART)
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  config = quickstart.get_config()
+  config.train.num_steps = 200
+  config.train.batch_size = 32
+  config.train.log_every = 20
+  config.train.checkpoint_every = 100
+  config.optimizer.warmup_steps = 20
+  config.eval.split = 'validation'
+  config.eval.num_examples = 200
+  config.eval.max_decode_length = 64
+  return config
+
+
+def get_sweep():
+  sizes = sweeps.zipit(sweeps.sweep('model.d_model', [64, 128]),
+                       sweeps.sweep('model.d_ff', [256, 512]))
+  return sweeps.product(sweeps.sweep('optimizer.learning_rate', [0.005, 0.02, 0.08]), sizes)
