@@ -45,6 +45,10 @@ TRIAL_FILE = 'trial.json'
 FINISHED = 'done'
 
 
+def _print(line: str) -> None:
+  print(line, flush=True)  # progress shows up in a log file as it happens
+
+
 class SweepError(ValueError):
   """A sweep that cannot start: the message names the trial or file and the fix."""
 
@@ -93,7 +97,7 @@ class Trial:
 
 def load_sweep_file(path: str) -> tuple[ml_collections.ConfigDict, list[Overrides]]:
   """`get_config()` and `get_sweep()` of a sweep file."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise SweepError(f'sweep file {path!r} not found; pass e.g. '
                      '--sweep=experiments/lr_size.py')
   spec = importlib.util.spec_from_file_location('_sweep_file', path)
@@ -173,12 +177,15 @@ def make_trials(path: str) -> list[Trial]:
         override_flag('x', value)  # representable on a command line
       config = apply_overrides(base, overrides)
       config_lib.model_config(config)
-      tasks.get(config.data.task)
     except KeyError as e:
       raise SweepError(f'{where}: unknown config field {str(e).strip(chr(39))!r}; '
                        '`info --config=...` lists the fields') from None
     except (TypeError, ValueError) as e:
       raise SweepError(f'{where}: {e}') from None
+    try:
+      tasks.get(config.data.task)
+    except KeyError as e:
+      raise SweepError(f'{where}: {str(e).strip(chr(34))}') from None
     resolved = config.to_json_best_effort(sort_keys=True)
     if resolved in seen:
       raise SweepError(f'{where} duplicates trial {seen[resolved]}: both resolve to the same '
@@ -261,7 +268,7 @@ class LocalRunner:
   """
 
   def __init__(self, sweep_file: str, workdir: str, parallel: int,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = _print):
     self.sweep_file, self.workdir, self.log = sweep_file, epath.Path(workdir), log
     self.slots = core_slots(check_parallel(parallel), parallel)
     self.stopping = False
@@ -438,7 +445,7 @@ def _write_markdown(path: epath.Path, rows: Sequence[Mapping[str, Any]],
 
 def run_sweep(sweep_file: str, workdir: str, *, parallel: int = 1, dry_run: bool = False,
               report_only: bool = False, launcher: launch.Launcher | None = None,
-              name: str = '', log: Callable[[str], None] = print) -> int:
+              name: str = '', log: Callable[[str], None] = _print) -> int:
   """Validates every trial, then runs them locally (`launcher` None) or hands each to a
   remote launcher as a `launch.Job`; writes the report after a local run. Returns the exit
   code: 0 when every trial finished, 1 otherwise."""
