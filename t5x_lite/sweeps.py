@@ -95,14 +95,24 @@ class Trial:
   name: str
 
 
+def _load_module(path: epath.PathLike) -> Any:
+  spec = importlib.util.spec_from_file_location(epath.Path(path).stem, os.fspath(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(path: epath.PathLike) -> ml_collections.ConfigDict:
+  """`get_config()` of a config or sweep file: what a sweep file builds its base on."""
+  return _load_module(path).get_config()
+
+
 def load_sweep_file(path: str) -> tuple[ml_collections.ConfigDict, list[Overrides]]:
   """`get_config()` and `get_sweep()` of a sweep file."""
   if not epath.Path(path).is_file():
     raise SweepError(f'sweep file {path!r} not found; pass e.g. '
                      '--sweep=experiments/lr_size.py')
-  spec = importlib.util.spec_from_file_location('_sweep_file', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _load_module(path)
   for function in ('get_config', 'get_sweep'):
     if not callable(getattr(module, function, None)):
       raise SweepError(f'{path} has no {function}(); a sweep file defines get_config() (the '
@@ -210,10 +220,10 @@ def override_flag(field: str, value: Any) -> str:
 
 
 def command(verb: str, sweep_file: str, workdir: str, overrides: Mapping[str, Any],
-            python: str = sys.executable, extra: Sequence[str] = ()) -> list[str]:
+            python: str = sys.executable) -> list[str]:
   """The argument list of `python -m t5x_lite.main VERB` for one trial."""
   return [python, '-m', 't5x_lite.main', verb, f'--config={sweep_file}',
-          f'--workdir={workdir}', *extra,
+          f'--workdir={workdir}',
           *(override_flag(field, value) for field, value in overrides.items())]
 
 
@@ -337,20 +347,26 @@ class LocalRunner:
       self._running.remove(running)
       trial, trial_dir = running.trial, self.trial_dir(running.trial)
       wall_time = read_status(trial_dir).get('wall_time', 0.0) + time.time() - running.started
-      if self.stopping:
+      if code == 0 and running.stage == 'eval':
+        status = write_status(trial_dir, status=FINISHED, wall_time=wall_time)
+      elif self.stopping or (code == 0 and not _trained(trial, trial_dir)):
         status = write_status(trial_dir, status='interrupted', wall_time=wall_time)
       elif code:
         error = last_error_line(trial_dir / f'{running.stage}.log')
         status = write_status(trial_dir, status='failed', wall_time=wall_time,
                               error=f'{running.stage} exited with {code}: {error}')
-      elif running.stage == 'train':
+      else:
         write_status(trial_dir, wall_time=wall_time)
         self._start(trial, 'eval', running.slot)
         continue
-      else:
-        status = write_status(trial_dir, status=FINISHED, wall_time=wall_time)
       self.log(f'[{trial.index}] {trial.name}: {status["status"]} after {wall_time:.0f} s'
                + (f': {status["error"]}' if status.get('error') else ''))
+
+
+def _trained(trial: Trial, trial_dir: epath.Path) -> bool:
+  """Whether the train process got to the last step (it also exits 0 after a SIGTERM)."""
+  records = plots.read_metrics(trial_dir) if (trial_dir / 'metrics.jsonl').exists() else []
+  return bool(records) and records[-1]['step'] == trial.config.train.num_steps
 
 
 def last_error_line(log_path: epath.PathLike) -> str:
@@ -405,15 +421,27 @@ def write_report(workdir: epath.PathLike, trials: Sequence[Trial]) -> list[epath
                                         title=f'{workdir.name}: train loss'))
   params = list(dict.fromkeys(f for t in trials for f in t.overrides))
   metrics = [c for c in columns if c.startswith('eval_') or c == 'train_loss']
-  for param, metric in itertools.product(params, metrics):
+  # Zipped fields (d_model with d_ff) move together: one x axis for them, and a line per
+  # value of the fields that vary independently of the one on the x axis.
+  axes = [p for i, p in enumerate(params)
+          if not any(_determines(rows, q, p) and _determines(rows, p, q) for q in params[:i])]
+  for param, metric in itertools.product(axes, metrics):
+    group_by = [q for q in params if q != param and not _determines(rows, param, q)]
     written.append(plots.plot_metric_against(
-        rows, param, metric, [p for p in params if p != param],
+        rows, param, metric, group_by,
         workdir / f'{metric}_vs_{param.rsplit(".", 1)[-1]}.png'))
   done = [row for row in rows if row['status'] == FINISHED]
   logging_utils.write_hparams(
       workdir / 'hparams', {row['trial']: {p: row.get(p) for p in params} for row in done},
       {row['trial']: {m: row[m] for m in metrics if row.get(m) is not None} for row in done})
   return written
+
+
+def _determines(rows: Sequence[Mapping[str, Any]], a: str, b: str) -> bool:
+  """Whether the value of field `a` fixes that of field `b` in every row."""
+  seen = {}
+  return all(seen.setdefault(repr(row.get(a)), repr(row.get(b))) == repr(row.get(b))
+             for row in rows)
 
 
 def _cell(value: Any) -> str:
@@ -461,7 +489,8 @@ def run_sweep(sweep_file: str, workdir: str, *, parallel: int = 1, dry_run: bool
                           overrides=tuple(override_flag(f, v) for f, v in
                                           trial.overrides.items()),
                           evaluate=True), dry_run)
-    log(f'{len(trials)} trials launched; tabulate them with --report_only once they finish')
+    log(f'{len(trials)} trials {"printed" if dry_run else "launched"}; tabulate them with '
+        '--report_only once they finish')
     return 0
   runner = LocalRunner(sweep_file, workdir, parallel, log)
   if dry_run:

@@ -310,10 +310,12 @@ def test_bad_sweeps_are_one_error_line_and_start_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_stopped_half_way_resumes_only_the_missing_trials(tmp_path):
-  """Four tiny trials one at a time; SIGTERM once two are done and the third is training.
-  The re-run skips the two, resumes the third from its checkpoint and runs the fourth."""
-  sweep_file = write_sweep(tmp_path, 'return sweeps.product(sweeps.sweep("seed", [0, 1]), '
-                                     'sweeps.sweep("optimizer.learning_rate", [0.01, 0.1]))',
+  """Four tiny trials and one that fails, one at a time; SIGTERM once two are done and the
+  third is training. The re-run skips the two, resumes the third from its checkpoint, runs
+  the fourth, and records the fifth's error line."""
+  sweep_file = write_sweep(tmp_path, 'return sweeps.chain(sweeps.product(sweeps.sweep('
+                                     '"seed", [0, 1]), sweeps.sweep("optimizer.learning_rate", '
+                                     '[0.01, 0.1])), [{"train.num_microbatches": 3}])',
                            steps=200)
   workdir = tmp_path / 'runs'
   trials = sweeps.make_trials(sweep_file)
@@ -330,7 +332,7 @@ def test_sweep_stopped_half_way_resumes_only_the_missing_trials(tmp_path):
   first.wait()
   assert first.returncode == 1, first.stderr[-3000:]
   status = [sweeps.read_status(workdir / t.name) for t in trials]
-  assert [s.get('status') for s in status] == ['done', 'done', 'interrupted', None]
+  assert [s.get('status') for s in status] == ['done', 'done', 'interrupted', None, None]
   assert 'signal 15: stopping' in first.stdout
   steps = [r['step'] for r in map(json.loads, third.read_text().splitlines())]
   assert steps[-1] < 200  # stopped in the middle ...
@@ -338,23 +340,28 @@ def test_sweep_stopped_half_way_resumes_only_the_missing_trials(tmp_path):
   assert steps[-1] <= saved[-1] < steps[-1] + 2  # ... and saved where it stopped
   finished_logs = [(workdir / t.name / 'train.log').read_text() for t in trials[:2]]
 
-  second = Run(args, str(tmp_path / 'logs'), 'second', env=env).check()
+  second = Run(args, str(tmp_path / 'logs'), 'second', env=env).wait()
+  assert second.returncode == 1, second.stderr[-3000:]
   for trial in trials[:2]:
     assert f'{trial.name}: finished before, skipped' in second.stdout
   assert [(workdir / t.name / 'train.log').read_text() for t in trials[:2]] == finished_logs
   status = [sweeps.read_status(workdir / t.name) for t in trials]
-  assert [s['status'] for s in status] == ['done'] * 4
-  assert [s['attempts'] for s in status] == [1, 1, 2, 1]
+  assert [s['status'] for s in status] == ['done'] * 4 + ['failed']
+  assert [s['attempts'] for s in status] == [1, 1, 2, 1, 1]
+  assert status[4]['error'].startswith('train exited with 2: error: train.batch_size=4 with '
+                                       'num_microbatches=3')
   records = [json.loads(l) for l in third.read_text().splitlines()]
   train = [r['step'] for r in records if r['split'] == 'train']
   assert train == sorted(set(train)) and train[-1] == 200  # resumed, not restarted
   assert train.index(steps[-1] + 2) == len(steps)
   # The resolved config in trial.json is what the trial's own train process ran with.
-  for trial, s in zip(trials, status):
+  for trial, s in zip(trials[:4], status):
     ran = json.loads((workdir / trial.name / 'config.json').read_text())
     assert ran == s['config'] == json.loads(trial.config.to_json_best_effort())
   with open(workdir / 'results.csv', newline='') as f:
     rows = list(csv.DictReader(f))
-  assert [r['status'] for r in rows] == ['done'] * 4
-  assert all(r['steps'] == '200' and float(r['eval_bleu']) >= 0 for r in rows)
+  assert [r['status'] for r in rows] == ['done'] * 4 + ['failed']
+  assert all(r['steps'] == '200' and float(r['eval_bleu']) >= 0 for r in rows[:4])
+  assert rows[4]['error'] == status[4]['error'] and rows[4]['steps'] == '0'
+  assert '1 of 5 trials did not finish' in second.stdout
   assert (workdir / 'loss_curves.png').exists() and (workdir / 'hparams').is_dir()
