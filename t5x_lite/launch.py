@@ -57,7 +57,7 @@ class TpuVm:
   spot: bool = False
   reserved: bool = False
   queued: bool = False  # queued-resources create instead of tpu-vm create
-  install: str = 'git+https://github.com/OWNER/t5x_lite'  # a pip git URL or a local .whl
+  install: str = ''  # a pip git URL (git+https://...) or a local .whl
 
   def __post_init__(self):
     if not self.zone:
@@ -66,13 +66,17 @@ class TpuVm:
       raise LaunchError('--spot and --reserved exclude each other; choose one')
 
   def check_slice(self) -> None:
-    """What creating the slice needs besides the zone."""
+    """What creating and installing the slice needs besides the zone."""
     if not re.fullmatch(r'v\w+-\d+', self.accelerator_type or ''):
       raise LaunchError('--accelerator_type is required for --launcher=tpu_vm, e.g. '
                         f'v4-8 or v5litepod-16 (got {self.accelerator_type!r})')
     if not self.runtime_version and self.generation not in RUNTIME_VERSIONS:
       raise LaunchError(f'no default runtime for {self.accelerator_type}; pass '
                         '--runtime_version (see Cloud TPU\'s "TPU software versions")')
+    if not self.install:
+      raise LaunchError('--install is required for --launcher=tpu_vm: a pip git URL such as '
+                        'git+https://github.com/ORG/t5x_lite@main or a wheel from '
+                        '`pip wheel --no-deps .`')
 
   @property
   def generation(self) -> str:
@@ -259,11 +263,13 @@ def _launch_tpu(job: Job, vm: TpuVm, dry_run: bool) -> None:
   commands = tpu_launch(job, vm)
   if not dry_run:
     describe = tpu_manage('status', job, vm)[0]
-    state = subprocess.run(describe, capture_output=True, text=True, check=False).stdout
-    if state.strip() == 'READY':
+    state = subprocess.run(describe, capture_output=True, text=True, check=False).stdout.strip()
+    if state == 'READY':
       commands = commands[1:]
-    elif state.strip():
+    elif state in ('PREEMPTED', 'TERMINATED'):
       execute(tpu_manage('delete', job, vm), dry_run)
+    elif state:
+      raise LaunchError(f'TPU {job.name} is {state}; re-run once it is READY (or `delete` it)')
   execute(commands, dry_run)
 
 

@@ -48,8 +48,8 @@ _PROJECT = flags.DEFINE_string('project', '', 'tpu_vm: the project (default: gcl
 _SPOT = flags.DEFINE_bool('spot', False, 'tpu_vm: a spot (preemptible) slice.')
 _RESERVED = flags.DEFINE_bool('reserved', False, 'tpu_vm: use reserved capacity.')
 _QUEUED = flags.DEFINE_bool('queued', False, 'tpu_vm: request via queued-resources.')
-_INSTALL = flags.DEFINE_string('install', launch.TpuVm.install,
-                               'tpu_vm: a pip git URL (git+https://...) or a local wheel.')
+_INSTALL = flags.DEFINE_string('install', '', 'tpu_vm: a pip git URL (git+https://...) or '
+                               'a local wheel.')
 _NODES = flags.DEFINE_integer('nodes', 1, 'slurm: nodes.')
 _GPUS = flags.DEFINE_integer('gpus_per_node', 8, 'slurm: GPUs (= tasks) per node.')
 _PARTITION = flags.DEFINE_string('partition', '', 'slurm: the partition.')

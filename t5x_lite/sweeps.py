@@ -372,7 +372,8 @@ def _trained(trial: Trial, trial_dir: epath.Path) -> bool:
 def last_error_line(log_path: epath.PathLike) -> str:
   """The `error: ...` line of a failed command's log, else its last line."""
   path = epath.Path(log_path)
-  lines = [l.strip() for l in path.read_text(errors='replace').splitlines() if l.strip()]
+  text = path.read_bytes().decode('utf-8', errors='replace')
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
   errors = [l for l in lines if l.startswith('error: ')]
   return (errors or lines or ['(no output)'])[-1]
 

@@ -21,7 +21,8 @@ COMMANDS = {
     'tpu_v4-8': [
         'launch', '--config=configs/t5_1_1_small.py', '--launcher=tpu_vm', '--name=t5-small',
         '--workdir=gs://my-bucket/runs/t5-small', '--zone=us-central2-b',
-        '--accelerator_type=v4-8', '--config.train.num_steps=1000'],
+        '--accelerator_type=v4-8', '--install=git+https://github.com/my-org/t5x_lite@v0.1',
+        '--config.train.num_steps=1000'],
     'tpu_v5litepod-16': [
         'launch', '--config=configs/t5_1_1_base.py', '--launcher=tpu_vm', '--name=t5-base',
         '--workdir=gs://my-bucket/runs/t5-base', '--zone=us-west4-a', '--project=my-project',
@@ -88,7 +89,8 @@ def _recorded(tmp_path):
 def test_hostile_values_reach_the_tpu_workers_as_one_argument_each(tmp_path):
   job = launch.Job(name='t5-small', config_file='my configs/x.py', workdir=HOSTILE_WORKDIR,
                    overrides=(HOSTILE_OVERRIDE,), evaluate=True)
-  vm = launch.TpuVm(zone='us-central2-b', accelerator_type='v4-8')
+  vm = launch.TpuVm(zone='us-central2-b', accelerator_type='v4-8',
+                    install='git+https://example.org/t5x_lite')
   expected = ['python3', '-m', 't5x_lite.main', 'train', '--config=config.py',
               f'--workdir={HOSTILE_WORKDIR}', '--config.distributed.auto=True',
               HOSTILE_OVERRIDE]
@@ -134,18 +136,22 @@ def test_hostile_values_reach_srun_as_one_argument_each(tmp_path):
   assert not (tmp_path / 'pwned').exists()
 
 
+_V4 = launch.TpuVm(zone='z', accelerator_type='v4-8', install='t5x_lite.whl')
+
+
 @pytest.mark.parametrize('make,fragment', [
     (lambda: launch.TpuVm(zone='', accelerator_type='v4-8'), '--zone is required'),
     (lambda: launch.TpuVm(zone='z', spot=True, reserved=True), 'exclude each other'),
     (lambda: launch.tpu_launch(launch.Job('n', 'c.py', 'gs://b/r'), launch.TpuVm(zone='z')),
      '--accelerator_type is required'),
     (lambda: launch.tpu_launch(launch.Job('n', 'c.py', 'gs://b/r'),
-                               launch.TpuVm(zone='z', accelerator_type='v9x-8')),
+                               launch.TpuVm(zone='z', accelerator_type='v4-8')),
+     '--install is required'),
+    (lambda: launch.tpu_launch(launch.Job('n', 'c.py', 'gs://b/r'),
+                               launch.TpuVm(zone='z', accelerator_type='v9x-8', install='w')),
      '--runtime_version'),
-    (lambda: launch.tpu_launch(launch.Job('Bad_Name', 'c.py', 'gs://b/r'),
-                               launch.TpuVm(zone='z', accelerator_type='v4-8')), "'Bad_Name'"),
-    (lambda: launch.tpu_launch(launch.Job('n', 'c.py', 'runs/local'),
-                               launch.TpuVm(zone='z', accelerator_type='v4-8')), 'gs://'),
+    (lambda: launch.tpu_launch(launch.Job('Bad_Name', 'c.py', 'gs://b/r'), _V4), "'Bad_Name'"),
+    (lambda: launch.tpu_launch(launch.Job('n', 'c.py', 'runs/local'), _V4), 'gs://'),
     (lambda: launch.Slurm(nodes=0), '--nodes=0'),
     (lambda: launch.Slurm(partition='gpu; rm -rf ~'), '--partition='),
     (lambda: launch.slurm_script(launch.Job('a b', 'c.py', '/w'), launch.Slurm()), "'a b'"),

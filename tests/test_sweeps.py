@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
 from t5x_lite import sweeps
-from test_main import REPO, TIMEOUT, Run, assert_one_error_line
+from test_main import REPO, TIMEOUT, Run, assert_one_error_line, compile_cache  # pylint: disable=unused-import
 
 TINY_SWEEP = '''
 from t5x_lite import config as base, sweeps
@@ -243,6 +243,24 @@ def test_report_table_plots_and_hparams(tmp_path):
   assert any(t == '_hparams_/session_end_info' for _, t, _, _, _ in session)
 
 
+def test_zipped_fields_share_one_axis(tmp_path):
+  """d_ff moves with d_model: no plot against d_ff, and d_model's plot has one line per
+  learning rate (not one point per line)."""
+  path = write_sweep(tmp_path, 'return sweeps.product(sweeps.sweep("optimizer.learning_rate", '
+                               '[0.1, 0.2]), sweeps.zipit(sweeps.sweep("model.d_model", '
+                               '[32, 64]), sweeps.sweep("model.d_ff", [64, 128])))')
+  trials = sweeps.make_trials(path)
+  for i, trial in enumerate(trials):
+    _fake_trial(tmp_path / 'runs', trial, 'done', [5.0 - i], {'bleu': float(i)})
+  names = {os.path.basename(str(p)) for p in sweeps.write_report(tmp_path / 'runs', trials)}
+  assert {n for n in names if '_vs_' in n} == {
+      'train_loss_vs_learning_rate.png', 'train_loss_vs_d_model.png',
+      'eval_bleu_vs_learning_rate.png', 'eval_bleu_vs_d_model.png'}
+  rows = [sweeps.trial_row(tmp_path / 'runs' / t.name, t.overrides) for t in trials]
+  assert sweeps._determines(rows, 'model.d_model', 'model.d_ff')
+  assert not sweeps._determines(rows, 'model.d_model', 'optimizer.learning_rate')
+
+
 def test_sweep_modules_touch_workdirs_only_through_epath():
   """gs:// workdirs work only if no workdir path reaches os.path or the builtin open.
   Modules still to convert (os.path on workdirs): main.py, trainer.py, checkpoints.py,
@@ -309,22 +327,22 @@ def test_bad_sweeps_are_one_error_line_and_start_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_stopped_half_way_resumes_only_the_missing_trials(tmp_path):
-  """Four tiny trials and one that fails, one at a time; SIGTERM once two are done and the
-  third is training. The re-run skips the two, resumes the third from its checkpoint, runs
-  the fourth, and records the fifth's error line."""
-  sweep_file = write_sweep(tmp_path, 'return sweeps.chain(sweeps.product(sweeps.sweep('
-                                     '"seed", [0, 1]), sweeps.sweep("optimizer.learning_rate", '
-                                     '[0.01, 0.1])), [{"train.num_microbatches": 3}])',
-                           steps=200)
+def test_sweep_stopped_half_way_resumes_only_the_missing_trials(tmp_path, compile_cache):
+  """Three tiny trials and one that fails, one at a time; SIGTERM once the first is done and
+  the second is training. The re-run skips the first, resumes the second from its
+  checkpoint, runs the third, and records the fourth's error line without stopping."""
+  sweep_file = write_sweep(tmp_path, 'return sweeps.chain(sweeps.sweep("seed", [0, 1, 2]), '
+                                     '[{"train.num_microbatches": 3}])', steps=200)
   workdir = tmp_path / 'runs'
   trials = sweeps.make_trials(sweep_file)
   args = ['sweep', f'--sweep={sweep_file}', f'--workdir={workdir}', '--parallel=1']
-  env = {'XLA_FLAGS': ''}  # one CPU device per trial
-  first = Run(args, str(tmp_path / 'logs'), 'first', env=env)
-  third = workdir / trials[2].name / 'metrics.jsonl'
+  # One CPU device per trial; the trials differ only in their seed, so they share compiled
+  # programs through the cache.
+  env = {'XLA_FLAGS': ''}
+  first = Run(args, str(tmp_path / 'logs'), 'first', env=env, compile_cache=compile_cache)
+  second_trial = workdir / trials[1].name / 'metrics.jsonl'
   deadline = time.time() + TIMEOUT
-  while not (third.exists() and len(third.read_text().splitlines()) >= 2):
+  while not (second_trial.exists() and len(second_trial.read_text().splitlines()) >= 2):
     assert first.proc.poll() is None, open(first.stdout_path).read()
     assert time.time() < deadline
     time.sleep(0.1)
@@ -332,36 +350,38 @@ def test_sweep_stopped_half_way_resumes_only_the_missing_trials(tmp_path):
   first.wait()
   assert first.returncode == 1, first.stderr[-3000:]
   status = [sweeps.read_status(workdir / t.name) for t in trials]
-  assert [s.get('status') for s in status] == ['done', 'done', 'interrupted', None, None]
+  assert [s.get('status') for s in status] == ['done', 'interrupted', None, None]
   assert 'signal 15: stopping' in first.stdout
-  steps = [r['step'] for r in map(json.loads, third.read_text().splitlines())]
+  steps = [r['step'] for r in map(json.loads, second_trial.read_text().splitlines())]
   assert steps[-1] < 200  # stopped in the middle ...
-  saved = sorted(int(n) for n in os.listdir(third.parent / 'checkpoints') if n.isdigit())
+  saved = sorted(int(n) for n in os.listdir(second_trial.parent / 'checkpoints')
+                 if n.isdigit())
   assert steps[-1] <= saved[-1] < steps[-1] + 2  # ... and saved where it stopped
-  finished_logs = [(workdir / t.name / 'train.log').read_text() for t in trials[:2]]
+  finished_log = (workdir / trials[0].name / 'train.log').read_text()
 
-  second = Run(args, str(tmp_path / 'logs'), 'second', env=env).wait()
+  second = Run(args, str(tmp_path / 'logs'), 'second', env=env,
+               compile_cache=compile_cache).wait()
   assert second.returncode == 1, second.stderr[-3000:]
-  for trial in trials[:2]:
-    assert f'{trial.name}: finished before, skipped' in second.stdout
-  assert [(workdir / t.name / 'train.log').read_text() for t in trials[:2]] == finished_logs
+  assert 'Traceback' not in second.stderr
+  assert f'{trials[0].name}: finished before, skipped' in second.stdout
+  assert (workdir / trials[0].name / 'train.log').read_text() == finished_log
   status = [sweeps.read_status(workdir / t.name) for t in trials]
-  assert [s['status'] for s in status] == ['done'] * 4 + ['failed']
-  assert [s['attempts'] for s in status] == [1, 1, 2, 1, 1]
-  assert status[4]['error'].startswith('train exited with 2: error: train.batch_size=4 with '
+  assert [s['status'] for s in status] == ['done'] * 3 + ['failed']
+  assert [s['attempts'] for s in status] == [1, 2, 1, 1]
+  assert status[3]['error'].startswith('train exited with 2: error: train.batch_size=4 with '
                                        'num_microbatches=3')
-  records = [json.loads(l) for l in third.read_text().splitlines()]
+  records = [json.loads(l) for l in second_trial.read_text().splitlines()]
   train = [r['step'] for r in records if r['split'] == 'train']
   assert train == sorted(set(train)) and train[-1] == 200  # resumed, not restarted
   assert train.index(steps[-1] + 2) == len(steps)
   # The resolved config in trial.json is what the trial's own train process ran with.
-  for trial, s in zip(trials[:4], status):
+  for trial, s in zip(trials[:3], status):
     ran = json.loads((workdir / trial.name / 'config.json').read_text())
     assert ran == s['config'] == json.loads(trial.config.to_json_best_effort())
   with open(workdir / 'results.csv', newline='') as f:
     rows = list(csv.DictReader(f))
-  assert [r['status'] for r in rows] == ['done'] * 4 + ['failed']
-  assert all(r['steps'] == '200' and float(r['eval_bleu']) >= 0 for r in rows[:4])
-  assert rows[4]['error'] == status[4]['error'] and rows[4]['steps'] == '0'
-  assert '1 of 5 trials did not finish' in second.stdout
+  assert [r['status'] for r in rows] == ['done'] * 3 + ['failed']
+  assert all(r['steps'] == '200' and float(r['eval_bleu']) >= 0 for r in rows[:3])
+  assert rows[3]['error'] == status[3]['error'] and rows[3]['steps'] == '0'
+  assert '1 of 4 trials did not finish' in second.stdout
   assert (workdir / 'loss_curves.png').exists() and (workdir / 'hparams').is_dir()
