@@ -1,6 +1,6 @@
 """Learning rate x model size for the quickstart model (configs/quickstart.py), short runs.
 
-Run (about 15 minutes on 2 CPU cores):
+Run (22 minutes with --parallel=2 on a 2-core machine that other jobs shared):
   python -m t5x_lite.main sweep --sweep=experiments/lr_size.py --workdir=runs/lr_size \
       --parallel=2
 Results: experiments/results/lr_size/ (results.md, results.csv, loss_curves.png, and each
