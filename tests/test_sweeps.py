@@ -292,6 +292,7 @@ def test_train_into_a_file_uri_workdir(tmp_path):
 UNKNOWN = 'return [{"x.y": 1}]'
 
 
+@pytest.mark.slow  # eight CLI processes, each importing jax
 def test_bad_sweeps_are_one_error_line_and_start_nothing(tmp_path):
   runs = tmp_path / 'runs'
   no_get_sweep = tmp_path / 'no_get_sweep.py'
