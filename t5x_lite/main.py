@@ -5,11 +5,15 @@ holds checkpoints); infer, score and eval (predictions, target log-likelihoods a
 metrics on `eval.split` from --workdir's newest checkpoint); convert (a Hugging Face
 directory -> a new workdir with config.py and params: `convert --hf_dir=DIR --workdir=OUT`,
 no --config) and export (a run's newest params -> a Hugging Face directory: `export
---config=... --workdir=RUN --hf_dir=OUT`).
+--config=... --workdir=RUN --hf_dir=OUT`); sweep (every trial of an experiments/*.py sweep
+file, locally or on a launcher: `sweep --sweep=FILE --workdir=DIR [--parallel=N]
+[--launcher=local|tpu_vm|slurm] [--dry_run] [--report_only]`); launch (train + eval of
+--config on a Cloud TPU VM or SLURM cluster) and status, logs, stop, delete of a launched run.
 """
 
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
@@ -20,7 +24,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import eval_commands, hf_io, models, plots, trainer
+from t5x_lite import eval_commands, hf_io, launch, models, plots, sweeps, trainer
 from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,6 +38,28 @@ _NO_TOKENIZER = flags.DEFINE_bool(
 _MESH_SHAPE = flags.DEFINE_list(
     'mesh_shape', ['1', '-1', '1'],
     'convert: the (data,fsdp,model) mesh the params are read onto, e.g. 1,-1,1.')
+_SWEEP = flags.DEFINE_string('sweep', None, 'sweep: an experiments/*.py sweep file.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'sweep: local trials run at a time.')
+_REPORT_ONLY = flags.DEFINE_bool(
+    'report_only', False, 'sweep: rebuild the results table and plots from the workdirs.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'sweep/launch: print the commands only.')
+_LAUNCHER = flags.DEFINE_enum('launcher', 'local', ['local', 'tpu_vm', 'slurm'],
+                              'Where sweep/launch/status/logs/stop/delete run.')
+_NAME = flags.DEFINE_string('name', None, 'TPU VM or SLURM job name (a sweep appends a hash).')
+_ZONE = flags.DEFINE_string('zone', '', 'tpu_vm: the zone, e.g. us-central2-b.')
+_ACCELERATOR = flags.DEFINE_string('accelerator_type', '', 'tpu_vm: e.g. v4-8, v5litepod-16.')
+_RUNTIME = flags.DEFINE_string('runtime_version', '', 'tpu_vm: default by TPU generation.')
+_PROJECT = flags.DEFINE_string('project', '', 'tpu_vm: the project (default: gcloud\'s).')
+_SPOT = flags.DEFINE_bool('spot', False, 'tpu_vm: a spot (preemptible) slice.')
+_RESERVED = flags.DEFINE_bool('reserved', False, 'tpu_vm: use reserved capacity.')
+_QUEUED = flags.DEFINE_bool('queued', False, 'tpu_vm: request via queued-resources.')
+_INSTALL = flags.DEFINE_string('install', '', 'tpu_vm: a pip git URL (git+https://...) or '
+                               'a local wheel.')
+_NODES = flags.DEFINE_integer('nodes', 1, 'slurm: nodes.')
+_GPUS = flags.DEFINE_integer('gpus_per_node', 8, 'slurm: GPUs (= tasks) per node.')
+_PARTITION = flags.DEFINE_string('partition', '', 'slurm: the partition.')
+_TIME_LIMIT = flags.DEFINE_string('time_limit', '', 'slurm: e.g. 24:00:00.')
+_ACCOUNT = flags.DEFINE_string('account', '', 'slurm: the account charged.')
 
 
 def _fail(message: str) -> None:
@@ -173,9 +199,76 @@ def convert(config: ml_collections.ConfigDict | None) -> None:
   print(f'next: python -m t5x_lite.main eval --config={workdir}/config.py --workdir={workdir}')
 
 
+def sweep(config: ml_collections.ConfigDict | None) -> None:
+  """Runs every trial of --sweep (validated first) under --workdir, or tabulates them."""
+  if config is not None:
+    _fail('sweep takes --sweep=experiments/NAME.py instead of --config')
+  if not _SWEEP.value or not _WORKDIR.value:
+    _fail('sweep needs --sweep=experiments/NAME.py and --workdir=runs/NAME')
+  remote = None if _LAUNCHER.value == 'local' else _launcher()
+  name = _NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value)).replace('_', '-')
+  sys.exit(sweeps.run_sweep(
+      _SWEEP.value, _WORKDIR.value, parallel=_PARALLEL.value, dry_run=_DRY_RUN.value,
+      report_only=_REPORT_ONLY.value, launcher=remote, name=name.lower()))
+
+
+def _tpu_vm() -> launch.TpuVm:
+  return launch.TpuVm(
+      zone=_ZONE.value, accelerator_type=_ACCELERATOR.value,
+      runtime_version=_RUNTIME.value, project=_PROJECT.value, spot=_SPOT.value,
+      reserved=_RESERVED.value, queued=_QUEUED.value, install=_INSTALL.value)
+
+
+def _slurm() -> launch.Slurm:
+  return launch.Slurm(nodes=_NODES.value, gpus_per_node=_GPUS.value,
+                      partition=_PARTITION.value, time_limit=_TIME_LIMIT.value,
+                      account=_ACCOUNT.value)
+
+
+def _launcher() -> launch.Launcher:
+  if _LAUNCHER.value == 'tpu_vm':
+    return launch.launcher('tpu_vm', tpu_vm=_tpu_vm())
+  return launch.launcher(_LAUNCHER.value, slurm=_slurm())
+
+
+def _job(config_file: str = '') -> launch.Job:
+  if _LAUNCHER.value == 'local':
+    _fail('launch and its status/logs/stop/delete need --launcher=tpu_vm or --launcher=slurm')
+  if not _NAME.value:
+    _fail('--name is required: the TPU VM or SLURM job, e.g. --name=t5-small-run1')
+  overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
+  if any('=' not in a for a in overrides):
+    _fail('write config overrides as --config.a.b=value (one argument each) to launch them')
+  return launch.Job(name=_NAME.value, config_file=config_file, workdir=_WORKDIR.value or '',
+                    overrides=tuple(overrides), evaluate=True)
+
+
+def launch_run(config: ml_collections.ConfigDict) -> None:
+  """Starts train + eval of --config (and its --config.* overrides) on --launcher."""
+  del config  # validated by flag parsing; the remote hosts load the file again
+  if not _WORKDIR.value:
+    _fail('--workdir is required for launch: gs://BUCKET/runs/NAME (tpu_vm) or a shared path')
+  job = _job(config_flags.get_config_filename(flags.FLAGS['config']))
+  _launcher()(job, _DRY_RUN.value)
+
+
+def _manage(action: str) -> Callable[[ml_collections.ConfigDict | None], None]:
+  def command(config: ml_collections.ConfigDict | None) -> None:
+    del config
+    job = _job()
+    commands = (launch.tpu_manage(action, job, _tpu_vm()) if _LAUNCHER.value == 'tpu_vm'
+                else launch.slurm_manage(action, job))
+    launch.execute(commands, _DRY_RUN.value)
+  command.__doc__ = f'{action} of a launched run (--name, --launcher and its settings).'
+  return command
+
+
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate,
-    'export': export, 'convert': convert}
+    'export': export, 'convert': convert, 'sweep': sweep, 'launch': launch_run,
+    **{action: _manage(action) for action in ('status', 'logs', 'stop', 'delete')}}
+# Commands that take no --config: they write one, read a sweep file, or manage a launch.
+_CONFIGLESS = ('convert', 'sweep', 'status', 'logs', 'stop', 'delete')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -191,11 +284,12 @@ def main(argv: Sequence[str]) -> None:
   command = argv[1]
   if command not in _COMMANDS:
     _fail(f'unknown command "{command}"; choose one of {commands}.')
-  if _CONFIG.value is None and command != 'convert':
+  if _CONFIG.value is None and command not in _CONFIGLESS:
     _fail('--config is required, e.g. --config=configs/t5_1_1_small.py')
   try:
     _COMMANDS[command](_CONFIG.value)
-  except (ValueError, KeyError, FileNotFoundError, trainer.NonFiniteLossError) as e:
+  except (ValueError, KeyError, FileNotFoundError, trainer.NonFiniteLossError,
+          subprocess.CalledProcessError) as e:
     _fail(str(e))
 
 

@@ -1,32 +1,44 @@
-"""Plots of a run's `metrics.jsonl`: the loss curve as a PNG."""
+"""Plots of runs' `metrics.jsonl` as PNGs: a run's loss curve, a sweep's loss curves and each
+metric against each swept hyperparameter."""
 
 import json
-import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
+from etils import epath
 
 matplotlib.use('Agg')  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-def read_metrics(workdir: str, split: str = 'train') -> list[dict[str, float]]:
+def read_metrics(workdir: epath.PathLike, split: str = 'train') -> list[dict[str, float]]:
   """The records of one split from `<workdir>/metrics.jsonl`, in step order (a resumed run's
   re-logged steps keep their latest value)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No metrics.jsonl in {workdir!r}: train into it first.')
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    raise FileNotFoundError(f'No metrics.jsonl in {str(workdir)!r}: train into it first.')
   by_step = {}
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      record = json.loads(line)
-      if record.get('split') == split:
-        by_step[record['step']] = record
+  for line in path.read_text().splitlines():
+    record = json.loads(line)
+    if record.get('split') == split:
+      by_step[record['step']] = record
   return [by_step[step] for step in sorted(by_step)]
 
 
-def plot_loss_curve(workdir: str, out_path: str | None = None) -> str:
+def _save(fig: plt.Figure, ax: plt.Axes, out_path: epath.PathLike) -> epath.Path:
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  out_path = epath.Path(out_path)
+  with out_path.open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
+  plt.close(fig)
+  return out_path
+
+
+def plot_loss_curve(workdir: epath.PathLike, out_path: epath.PathLike | None = None) -> str:
   """Writes the train (and eval, if logged) loss against step; returns the PNG's path."""
-  out_path = out_path or os.path.join(workdir, 'loss_curve.png')
+  workdir = epath.Path(workdir)
   fig, ax = plt.subplots(figsize=(6, 4))
   for split in ('train', 'eval'):
     records = [r for r in read_metrics(workdir, split) if 'loss' in r]
@@ -34,10 +46,49 @@ def plot_loss_curve(workdir: str, out_path: str | None = None) -> str:
       ax.plot([r['step'] for r in records], [r['loss'] for r in records], label=split)
   ax.set_xlabel('step')
   ax.set_ylabel('loss (cross-entropy + z-loss)')
-  ax.set_title(os.path.basename(os.path.normpath(workdir)))
+  ax.set_title(workdir.name)
   ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
-  return out_path
+  return str(_save(fig, ax, out_path or workdir / 'loss_curve.png'))
+
+
+def plot_loss_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+                     out_path: epath.PathLike, title: str = '') -> epath.Path:
+  """Several runs' train loss against step on one figure, labelled by their names."""
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for label, (steps, losses) in curves.items():
+    ax.plot(steps, losses, label=label)
+  ax.set_xlabel('step')
+  ax.set_ylabel('train loss (cross-entropy + z-loss)')
+  ax.set_title(title)
+  if curves:
+    ax.legend(fontsize='small')
+  return _save(fig, ax, out_path)
+
+
+def plot_metric_against(rows: Sequence[Mapping[str, Any]], param: str, metric: str,
+                        group_by: Sequence[str], out_path: epath.PathLike) -> epath.Path:
+  """`metric` against the values of `param`, one line per combination of the `group_by`
+  values; a numeric param spanning more than 10x gets a log axis, other values are
+  categories."""
+  rows = [r for r in rows if r.get(metric) is not None and r.get(param) is not None]
+  values = list(dict.fromkeys(r[param] for r in rows))
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+  position = (lambda v: v) if numeric else {v: i for i, v in enumerate(values)}.get
+  fig, ax = plt.subplots(figsize=(6, 4))
+  groups = {}
+  for row in rows:
+    groups.setdefault(tuple(row.get(g) for g in group_by), []).append(row)
+  for key, members in groups.items():
+    members = sorted(members, key=lambda r: values.index(r[param]))
+    label = ', '.join(f'{g.rsplit(".", 1)[-1]}={v}' for g, v in zip(group_by, key))
+    ax.plot([position(r[param]) for r in members], [r[metric] for r in members], 'o-',
+            label=label or None)
+  if numeric and values and min(values) > 0 and max(values) > 10 * min(values):
+    ax.set_xscale('log')
+  if not numeric:
+    ax.set_xticks(range(len(values)), [str(v) for v in values])
+  ax.set_xlabel(param)
+  ax.set_ylabel(metric)
+  if any(group_by) and groups:
+    ax.legend(fontsize='small')
+  return _save(fig, ax, out_path)
