@@ -12,7 +12,7 @@ Every trial is resolved against `get_config()` and checked before any starts. A 
 the CLI's own `train` and then `eval` (`python -m t5x_lite.main ... --config=<sweep file>
 --config.a.b=v`) in `<workdir>/<trial name>/`, where `trial.json` records its overrides,
 resolved config, status, error line and wall time; a re-run skips finished trials and resumes
-the others from their checkpoints. `sweep_report.write_report` turns the workdirs into a
+the others from their checkpoints. `write_report` turns the workdirs into a
 table, plots and HParams summaries.
 """
 
