@@ -68,10 +68,10 @@ def test_bad_files_name_file_and_line(tmp_path, name, content, format, columns, 
 def test_bad_arguments(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'nothing\*\.tsv: no such file'):
     sources.FileSource(str(tmp_path / 'nothing*.tsv'), 'tsv', ('a',))
-  with pytest.raises(ValueError, match='needs columns'):
-    sources.FileSource(str(tmp_path / 'a.tsv'), 'tsv')
-  with pytest.raises(ValueError, match='unknown file format .csv.; use one of tsv, jsonl'):
-    sources.FileSource(str(tmp_path / 'a.csv'), 'csv')
+  with pytest.raises(ValueError, match='a tsv file without a header line needs columns'):
+    sources.FileSource(str(tmp_path / 'a.tsv'), 'tsv', header=False)
+  with pytest.raises(ValueError, match='unknown file format .xml.; use one of tsv, csv, jsonl'):
+    sources.FileSource(str(tmp_path / 'a.xml'), 'xml')
   with pytest.raises(ValueError, match='no rows'):
     sources.InMemorySource([])
   with pytest.raises(TypeError, match='row 1 is a str'):
@@ -102,7 +102,7 @@ def test_tfds_builder_end_to_end_offline(tmp_path):
   assert builder.info.splits['train'].num_examples == _manifest_rows('sentiment_rt', 'train')
   assert list(tmp_path.glob('t5x_lite_sentiment_rt/1.0.0/*.array_record-*'))
 
-  source = sources.TfdsSource('t5x_lite_sentiment_rt', 'test', data_dir=str(tmp_path))
+  source = tfds_builders.TfdsSource('t5x_lite_sentiment_rt', 'test', data_dir=str(tmp_path))
   expected = sources.corpus_source('sentiment_rt', 'test')
   assert len(source) == len(expected)
   by_id = {row['id']: row for row in (source[i] for i in range(len(source)))}

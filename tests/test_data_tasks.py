@@ -164,9 +164,11 @@ def test_register_jsonl_task_checks_template_fields_per_line(tmp_path, registry)
 @pytest.mark.parametrize('change, message', [
     ({'colums': ['q', 'a']}, r"unknown keys \['colums'\]"),
     ({'targets_template': ''}, r"missing keys \['targets_template'\]"),
-    ({'columns': None}, 'a tsv task needs columns'),
+    ({'columns': None, 'header': False}, 'a tsv file without a header line needs columns'),
     ({'targets_template': '{answer}'}, r"templates use \['answer'\]"),
-    ({'format': 'csv'}, "unknown format 'csv'"),
+    ({'format': 'xml'}, "unknown format 'xml'"),
+    ({'inputs_template': '{q'}, "template '{q' is not a str.format template"),
+    ({'bad_rows': 'ignore'}, 'bad_rows must be one of error, skip'),
     ({'metrics': ['bleu', 'f2']}, r"unknown metrics \['f2'\]; known: bleu, rouge"),
 ])
 def test_bad_config_names_the_problem(tmp_path, registry, change, message):
