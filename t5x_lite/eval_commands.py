@@ -38,7 +38,7 @@ def decode_config(config: ml_collections.ConfigDict, eos_id: int = 1
 def eval_task(config: ml_collections.ConfigDict) -> tasks.Task:
   """`eval.task` (default `data.task`), as a k-shot variant when `eval.few_shot_k` > 0."""
   name = config.eval.task or config.data.task
-  task = tasks.get(name)
+  task = tasks.from_config(config.data, config.eval.task)
   if isinstance(task, tasks.Mixture):
     raise ValueError(f'{name} is a mixture; evaluate one of its tasks with '
                      f'--config.eval.task=NAME (one of {", ".join(task.task_names)})')

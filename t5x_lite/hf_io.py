@@ -220,6 +220,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, hf_dir: str) -> int:
   hf.config_to_hf(model_config)  # an inexpressible model fails before any loading
   _check_new(hf_dir, 'hf_dir')
   params, step = eval_commands.load_params(config, workdir, eval_commands.make_partitioner(config))
-  task = tasks.with_vocabulary(tasks.get(config.data.task), config.data.vocabulary)
+  task = tasks.from_config(config.data)
   save_hf(params, model_config, hf_dir, task.output_features['targets'].vocabulary)
   return step
