@@ -1,6 +1,7 @@
 """Tests for t5x_lite.data.sources and tfds_builders: file formats, bad input, bundled corpora."""
 
 import gzip
+import hashlib
 import json
 import sys
 
@@ -46,6 +47,60 @@ def test_rows_are_copies(tmp_path):
   source = sources.InMemorySource(lambda: [{'x': '1'}])
   source[0]['x'] = 'changed'
   assert source[0] == {'x': '1'}
+
+
+def test_header_names_the_columns_of_tsv_and_csv(tmp_path):
+  tsv = sources.FileSource(_write(tmp_path / 'p.tsv', 'en\tes\nhello\thola\n\nbye\tadiós\n'),
+                           'tsv')
+  assert [tsv[0], tsv[1]] == [{'en': 'hello', 'es': 'hola'}, {'en': 'bye', 'es': 'adiós'}]
+  # RFC 4180: quoted commas, doubled quotes and a quoted line break; then a line number.
+  csv_text = 'en,es\n"Hello, world","Hola, mundo"\n"say ""hi""","di\n""hola"""\nx,y,z\n'
+  path = _write(tmp_path / 'p.csv', csv_text)
+  with pytest.raises(ValueError, match=r'p\.csv:5: 3 comma-separated fields, expected 2 '
+                     r'\(en, es\)'):
+    sources.FileSource(path, 'csv')
+  rows = sources.FileSource(path, 'csv', bad_rows='skip')
+  assert rows.skipped == 1
+  assert [rows[0], rows[1]] == [{'en': 'Hello, world', 'es': 'Hola, mundo'},
+                                {'en': 'say "hi"', 'es': 'di\n"hola"'}]
+
+
+def test_header_must_hold_the_required_columns(tmp_path):
+  path = _write(tmp_path / 'p.tsv', 'en\tde\nhello\thallo\n')
+  with pytest.raises(ValueError, match=r'p\.tsv:1: the header has no column es .*; columns '
+                     r'found: en, de'):
+    sources.FileSource(path, 'tsv', required=('en', 'es'))
+  assert sources.header_columns(path, 'tsv', ('en',)) == ('en', 'de')
+
+
+def test_bad_rows_error_or_skip_and_count(tmp_path):
+  path = _write(tmp_path / 'p.tsv', 'en\tes\na\tb\nc\n\t  \nd\te\n')
+  with pytest.raises(ValueError, match=r'p\.tsv:3: 1 tab-separated fields, expected 2'):
+    sources.FileSource(path, 'tsv', required=('en', 'es'))
+  empty = _write(tmp_path / 'q.tsv', 'en\tes\nx\t \n')
+  with pytest.raises(ValueError, match=r'q\.tsv:2: empty field\(s\) es'):
+    sources.FileSource(empty, 'tsv', required=('en', 'es'))
+  source = sources.FileSource(path, 'tsv', required=('en', 'es'), bad_rows='skip')
+  assert (len(source), source.skipped) == (2, 2)
+  assert [source[0], source[1]] == [{'en': 'a', 'es': 'b'}, {'en': 'd', 'es': 'e'}]
+
+
+@pytest.mark.parametrize('name, format', [('a.tsv', 'tsv'), ('b.csv.gz', 'csv'),
+                                          ('c.jsonl', 'jsonl'), ('d.json', 'jsonl'),
+                                          ('e.txt', 'text')])
+def test_format_of_file_names(name, format):
+  assert sources.format_of(f'dir/{name}') == format
+
+
+def test_format_of_unknown_name():
+  with pytest.raises(ValueError, match=r'data\.xml: cannot tell the format'):
+    sources.format_of('data.xml')
+
+
+def test_content_bucket_by_hand():
+  digest = hashlib.sha256('translate me'.encode('utf-8')).digest()
+  assert sources.content_bucket('translate me', 10_000) == int.from_bytes(digest[:8],
+                                                                          'big') % 10_000
 
 
 @pytest.mark.parametrize('name, content, format, columns, message', [

@@ -110,13 +110,14 @@ class BadRow(ValueError):
 def _records(path: str, format: str) -> Iterator[tuple[int, list[str] | str]]:
   """(first line number, fields) per record: a list for tsv/csv, the line otherwise.
 
-  Blank lines are skipped; csv fields may be quoted and span lines (RFC 4180); tsv fields
-  are split at every tab, with no quoting (the TSV convention, as in seqio).
+  Blank lines (spaces at most) are skipped, but a line of empty fields is a row; csv fields
+  may be quoted and span lines (RFC 4180); tsv fields are split at every tab, with no
+  quoting (the TSV convention, as in seqio).
   """
   lines = _lines(path)
   if format != 'csv':
     for number, line in lines:
-      if line.strip():
+      if line.strip(' \r\n'):
         line = line.removesuffix('\n')
         yield number, line.split('\t') if format == 'tsv' else line
     return
@@ -126,12 +127,16 @@ def _records(path: str, format: str) -> Iterator[tuple[int, list[str] | str]]:
       numbers.append(number)
       yield line
   reader = csv.reader(feed())
-  try:
-    for fields in reader:
-      if any(field.strip() for field in fields):
-        yield numbers[len(numbers) - reader.line_num], fields
-  except csv.Error as e:
-    raise ValueError(f'{path}:{numbers[-1]}: invalid CSV ({e})') from None
+  while True:
+    first = len(numbers)  # the index of the record's first line
+    try:
+      fields = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      raise ValueError(f'{path}:{numbers[-1]}: invalid CSV ({e})') from None
+    if len(fields) > 1 or fields and fields[0].strip(' '):
+      yield numbers[first], fields
 
 
 def _row(record: list[str] | str, format: str, columns: Sequence[str], where: str) -> Example:
