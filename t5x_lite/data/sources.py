@@ -6,6 +6,7 @@ read by `tfds_builders.TfdsSource`.
 """
 
 import csv
+import functools
 import glob
 import gzip
 import hashlib
@@ -244,8 +245,10 @@ def header_columns(path: str, format: str, required: Sequence[str] = ()) -> tupl
   return _header(path, next(_records(path, format), None), required)
 
 
+@functools.cache
 def corpus_source(corpus: str, split: str) -> FileSource:
-  """A split ('train', 'validation', 'test') of a bundled corpus (see `CORPORA`)."""
+  """A split ('train', 'validation', 'test') of a bundled corpus (see `CORPORA`), read once
+  per process (rows are copied on access, so sharing it is safe)."""
   if corpus not in CORPORA:
     raise KeyError(f'unknown corpus {corpus!r}; bundled corpora: {", ".join(CORPORA)}')
   if split not in SPLITS:
