@@ -86,3 +86,16 @@ def test_coverage_by_hand():
       'tokens_per_word': len(ids) / 4, 'unk_rate': 0.0,
       'byte_rate': sum(VOCAB.id_to_piece(i).startswith('<0x') for i in ids) / len(ids)}
   assert report.coverage(VOCAB, ['中文'])['byte_rate'] > 0.5  # no Chinese pieces: bytes
+
+
+def test_vocabulary_output_is_checked_before_training(tmp_path):
+  config = config_lib.base_config(config_lib.T5_1_1)
+  config.data = _data(tmp_path)
+  (tmp_path / 'taken.model').write_bytes(b'keep me')
+  with pytest.raises(ValueError, match='taken.model already exists'):
+    report.train_vocabulary(config, 300, str(tmp_path / 'taken.model'))
+  assert (tmp_path / 'taken.model').read_bytes() == b'keep me'
+  with pytest.raises(ValueError, match='vocab.out must be a .model path'):
+    report.train_vocabulary(config, 300, str(tmp_path / 'new.spm'))
+  with pytest.raises(ValueError, match='the directory of --vocab.out'):
+    report.train_vocabulary(config, 300, str(tmp_path / 'no' / 'new.model'))

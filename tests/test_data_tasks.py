@@ -219,14 +219,15 @@ def _files_data(train, validation='', **fields):
 
 
 def test_from_config_builds_a_task_from_header_files(tmp_path, registry):
-  train = _pairs(tmp_path, [('hello', 'hola'), ('thanks', 'gracias')], 'a_train.tsv')
+  _pairs(tmp_path, [('hello', 'hola'), ('thanks', 'gracias')], 'a_train.tsv')
+  more = _pairs(tmp_path, [('good', 'bueno')], 'more.tsv')
   dev = _pairs(tmp_path, [('yes', 'sí')], 'dev.tsv')
-  data = _files_data(str(tmp_path / '*_train.tsv'), dev, metrics='bleu,accuracy')
+  data = _files_data(f'{tmp_path / "*_train.tsv"},{more}', dev, metrics='bleu,accuracy')
   task = tasks.from_config(data)
   assert (task.name, list(task.splits)) == ('tsv', ['train', 'validation'])
   assert tasks.from_config(data) is task  # built once per process
   assert [VOCAB.decode(task.preprocess(row)['inputs']) for row in task.source('train')] == [
-      'translate: hello', 'translate: thanks']
+      'translate: hello', 'translate: thanks', 'translate: good']
   assert VOCAB.decode(task.preprocess(task.source('validation')[0])['targets']) == 'sí'
   assert set(task.score(['a b c d'], ['a b c d'])) == {'bleu', 'accuracy'}
   # eval.task names a registered task instead; data.task is the route without files.
