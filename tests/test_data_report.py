@@ -99,3 +99,8 @@ def test_vocabulary_output_is_checked_before_training(tmp_path):
     report.train_vocabulary(config, 300, str(tmp_path / 'new.spm'))
   with pytest.raises(ValueError, match='the directory of --vocab.out'):
     report.train_vocabulary(config, 300, str(tmp_path / 'no' / 'new.model'))
+
+
+def test_spread_by_hand():
+  assert report.spread(10, 4) == [0, 2, 5, 7]
+  assert report.spread(3, 4) == report.spread(3, 0) == [0, 1, 2]

@@ -91,12 +91,18 @@ def _converter(data: ml_collections.ConfigDict) -> feature_converters.FeatureCon
   return feature_converters.get_converter(data.converter, lengths, truncate=data.truncate)
 
 
+def spread(count: int, max_count: int) -> list[int]:
+  """`max_count` evenly spaced indices into `count` items (all of them if fewer; 0: all)."""
+  if not max_count or count <= max_count:
+    return list(range(count))
+  return [i * count // max_count for i in range(max_count)]
+
+
 def _examples(task: tasks.Task | tasks.Mixture, split: str, max_examples: int
               ) -> tuple[int, list[dict[str, Any]]]:
   """The split's size and its preprocessed examples (an evenly spaced sample)."""
   dataset = pipeline.example_dataset(task, split, shuffle=False)
-  stride = max(1, math.ceil(len(dataset) / max_examples)) if max_examples else 1
-  examples = [dataset[i] for i in range(0, len(dataset), stride)]
+  examples = [dataset[i] for i in spread(len(dataset), max_examples)]
   examples = [e for e in examples if e is not None]  # dropped by a preprocessor
   if not examples:
     raise ValueError(f'split {split!r} of task {task.name} has no examples')
@@ -210,10 +216,9 @@ def task_texts(task: tasks.Task, split: str, max_examples: int = 0) -> dict[str,
                             if getattr(fn, 'func', fn) is preprocessors.tokenize), len(steps))]
   text_task = dataclasses.replace(task, preprocessors=tuple(text_steps))
   source = task.source(split)
-  stride = max(1, math.ceil(len(source) / max_examples)) if max_examples else 1
   texts: dict[str, list[str]] = {key: [] for key in task.output_features}
   rng = np.random.default_rng(0)
-  for i in range(0, len(source), stride):
+  for i in spread(len(source), max_examples):
     example = text_task.preprocess(source[i], rng)
     for key, values in texts.items():
       if example is not None and isinstance(example.get(key), str):
