@@ -236,7 +236,8 @@ def _header(path: str, first: tuple[int, Any] | None, required: Sequence[str]
   missing = [name for name in required if name not in columns]
   if missing:
     raise ValueError(f'{path}:{first[0]}: the header has no column {", ".join(missing)} '
-                     f'(a template or the columns setting names it); columns found: {", ".join(columns)}')
+                     '(a template or the columns setting names it); columns found: '
+                     + ', '.join(columns))
   return columns
 
 
