@@ -3,9 +3,8 @@
 Run: python -m t5x_lite.main info --config=configs/decoder_tiny.py
 """
 
-from t5x_lite import config as base
+from t5x_lite import presets
 
 
 def get_config():
-  return base.base_config(
-      base.LLAMA, d_model=64, num_heads=4, num_kv_heads=2, d_ff=172, num_decoder_layers=2)
+  return presets.get('decoder_tiny')

@@ -79,6 +79,17 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
 
   config.data = ml_collections.ConfigDict()
   config.data.task = 'translate_en_de'  # a registered task or mixture (t5x_lite.data.tasks)
+  # Your own files instead (see tasks.from_config): globs per split, several comma-separated;
+  # the task is named after its format, e.g. 'tsv'
+  config.data.files = ml_collections.ConfigDict({'train': '', 'validation': '', 'test': ''})
+  config.data.format = ''  # 'tsv', 'csv', 'jsonl' or 'text' ('' = from the file name)
+  config.data.header = True  # tsv/csv: the first line names the columns
+  config.data.columns = ''  # headerless tsv/csv: field names in order, e.g. 'en,es'
+  config.data.inputs_template = ''  # str.format over the columns, e.g. 'translate: {en}'
+  config.data.targets_template = ''  # e.g. '{es}'
+  config.data.metrics = ''  # comma-separated names from t5x_lite.metrics.METRICS, e.g. 'bleu'
+  config.data.bad_rows = 'error'  # a bad row: 'error' (names file:line) or 'skip' (counted)
+  config.data.validation_fraction = 0.0  # no validation file: hold out this share of train
   config.data.vocabulary = ''  # a SentencePiece .model for every feature ('' = the task's)
   config.data.split = 'train'  # the split trained on
   config.data.feature_lengths = ml_collections.ConfigDict({'inputs': 64, 'targets': 64})

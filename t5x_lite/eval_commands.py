@@ -36,13 +36,12 @@ def decode_config(config: ml_collections.ConfigDict, eos_id: int = 1
 
 
 def eval_task(config: ml_collections.ConfigDict) -> tasks.Task:
-  """`eval.task` (default `data.task`), as a k-shot variant when `eval.few_shot_k` > 0."""
-  name = config.eval.task or config.data.task
-  task = tasks.get(name)
+  """`eval.task` (default: the `data` section's task), as a k-shot variant when
+  `eval.few_shot_k` > 0."""
+  task = tasks.from_config(config.data, config.eval.task)
   if isinstance(task, tasks.Mixture):
-    raise ValueError(f'{name} is a mixture; evaluate one of its tasks with '
+    raise ValueError(f'{task.name} is a mixture; evaluate one of its tasks with '
                      f'--config.eval.task=NAME (one of {", ".join(task.task_names)})')
-  task = tasks.with_vocabulary(task, config.data.vocabulary)
   if config.eval.few_shot_k:
     task = evaluation.few_shot_task(task, config.eval.few_shot_k,
                                     shots_split=config.eval.few_shot_split,

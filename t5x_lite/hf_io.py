@@ -237,8 +237,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, hf_dir: str,
   _check_new(hf_dir, 'hf_dir')
   vocabulary = None
   if tokenizer and config.data.vocabulary != tasks.NO_VOCABULARY:
-    task = tasks.with_vocabulary(tasks.get(config.data.task), config.data.vocabulary)
-    vocabulary = task.output_features['targets'].vocabulary
+    vocabulary = tasks.from_config(config.data).output_features['targets'].vocabulary
   params, step = eval_commands.load_params(config, workdir, eval_commands.make_partitioner(config))
   save_hf(params, model_config, hf_dir, vocabulary)
   return step

@@ -5,7 +5,10 @@ holds checkpoints); infer, score and eval (predictions, target log-likelihoods a
 metrics on `eval.split` from --workdir's newest checkpoint); convert (a Hugging Face
 directory -> a new workdir with config.py and params: `convert --hf_dir=DIR --workdir=OUT`,
 no --config) and export (a run's newest params -> a Hugging Face directory: `export
---config=... --workdir=RUN --hf_dir=OUT`); sweep (every trial of an experiments/*.py sweep
+--config=... --workdir=RUN --hf_dir=OUT`); data (a report on the task's splits: sizes,
+examples, token-length percentiles, what feature_lengths cut, packing) and vocab (a
+SentencePiece model trained on the task's text: `vocab --config=... --vocab.size=8000
+--vocab.out=my.model`); sweep (every trial of an experiments/*.py sweep
 file, locally or on a launcher: `sweep --sweep=FILE --workdir=DIR [--parallel=N]
 [--launcher=local|tpu_vm|slurm] [--dry_run] [--report_only]`); launch (train + eval of
 --config on a Cloud TPU VM or SLURM cluster) and status, logs, stop, delete of a launched run.
@@ -25,6 +28,7 @@ from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
 from t5x_lite import eval_commands, hf_io, launch, models, plots, sweeps, trainer
+from t5x_lite.data import report as data_report
 from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,6 +64,12 @@ _GPUS = flags.DEFINE_integer('gpus_per_node', 8, 'slurm: GPUs (= tasks) per node
 _PARTITION = flags.DEFINE_string('partition', '', 'slurm: the partition.')
 _TIME_LIMIT = flags.DEFINE_string('time_limit', '', 'slurm: e.g. 24:00:00.')
 _ACCOUNT = flags.DEFINE_string('account', '', 'slurm: the account charged.')
+_VOCAB = config_flags.DEFINE_config_dict(
+    'vocab', ml_collections.ConfigDict({
+        'size': 8000,  # SentencePiece pieces (100 sentinel ids come on top)
+        'out': '',  # the .model file to write
+        'max_texts': 100_000,  # train on at most this many examples (evenly spaced)
+    }), 'The vocab command: --vocab.size=8000 --vocab.out=my.model.', lock_config=True)
 
 
 def _fail(message: str) -> None:
@@ -112,7 +122,7 @@ def train(config: ml_collections.ConfigDict) -> None:
   # A bad mesh, batch size or task fails here, before the workdir is touched.
   trainer.setup_distributed(config)
   trainer.setup_partitioner(config)
-  tasks.with_vocabulary(tasks.get(config.data.task), config.data.vocabulary)
+  truncation = data_report.truncation_summary(config.data)
   try:
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -120,6 +130,7 @@ def train(config: ml_collections.ConfigDict) -> None:
       with open(config_path + '.tmp', 'w', encoding='utf-8') as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
       os.replace(config_path + '.tmp', config_path)
+      print(truncation)
   except OSError as e:
     _fail(f'cannot write to workdir {workdir!r} ({e.strerror}); choose a writable directory.')
   metrics = trainer.train(config, workdir)
@@ -157,7 +168,7 @@ def evaluate(config: ml_collections.ConfigDict) -> None:
   report = eval_commands.run_eval(config, _checkpoint_workdir('eval', config))
   if jax.process_index() != 0:
     return
-  print(f'{config.eval.task or config.data.task} {config.eval.split} '
+  print(f'{tasks.from_config(config.data, config.eval.task).name} {config.eval.split} '
         f'({report.num_examples} examples) at step {report.step}:')
   print(f'  {"metric":<20} {"model":>10} {"copy input":>12}')
   for name, value in sorted(report.metrics.items()):
@@ -197,6 +208,22 @@ def convert(config: ml_collections.ConfigDict | None) -> None:
         f'{models.count_params(models.param_shapes(model)):,} params) to {workdir}: '
         + ', '.join(sorted(os.listdir(workdir))))
   print(f'next: python -m t5x_lite.main eval --config={workdir}/config.py --workdir={workdir}')
+
+
+def data(config: ml_collections.ConfigDict) -> None:
+  """Prints the data report: per split its size, rendered examples, token-length
+  percentiles, the share feature_lengths cut, packing efficiency and lengths to use."""
+  print(data_report.data_report(config))
+
+
+def vocab(config: ml_collections.ConfigDict) -> None:
+  """Trains a SentencePiece model on the task's text (--vocab.size, --vocab.out) and prints
+  its coverage and the config line that uses it."""
+  if not _VOCAB.value.out:
+    _fail('--vocab.out is required for vocab: the .model file to write, e.g. '
+          '--vocab.out=my.model')
+  print(data_report.train_vocabulary(config, _VOCAB.value.size, _VOCAB.value.out,
+                                     _VOCAB.value.max_texts))
 
 
 def sweep(config: ml_collections.ConfigDict | None) -> None:
@@ -265,7 +292,8 @@ def _manage(action: str) -> Callable[[ml_collections.ConfigDict | None], None]:
 
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate,
-    'export': export, 'convert': convert, 'sweep': sweep, 'launch': launch_run,
+    'export': export, 'convert': convert, 'data': data, 'vocab': vocab, 'sweep': sweep,
+    'launch': launch_run,
     **{action: _manage(action) for action in ('status', 'logs', 'stop', 'delete')}}
 # Commands that take no --config: they write one, read a sweep file, or manage a launch.
 _CONFIGLESS = ('convert', 'sweep', 'status', 'logs', 'stop', 'delete')

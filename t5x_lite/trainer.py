@@ -337,7 +337,7 @@ def pipeline_batches(config: ml_collections.ConfigDict, shard_index: int,
   """This process's share of each global batch, from the grain pipeline."""
   data = config.data
   return iter(pipeline.get_dataset(
-      tasks.with_vocabulary(tasks.get(data.task), data.vocabulary), data.split,
+      tasks.from_config(data), data.split,
       data.feature_lengths.to_dict(),
       config.train.batch_size // shard_count, seed=config.seed, shuffle=data.shuffle,
       shard_index=shard_index, shard_count=shard_count, pack=data.pack,

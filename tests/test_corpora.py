@@ -147,3 +147,59 @@ def test_sentiment_labels() -> None:
 def test_pretrain_has_every_source() -> None:
     prefixes = {row["id"].split(":", 1)[0] for row in rows("pretrain_text", "train")}
     assert prefixes == {"help", "debian", "pydoc"}
+
+
+# ---------------------------------------------------------------- the builder (tools/)
+
+REPO = Path(__file__).parent.parent
+
+
+def test_builder_split_rule_reproduces_the_shipped_splits() -> None:
+    from tools import build_corpora
+
+    for corpus, field in (("translate_en_de", "en"), ("summarize_debian", "description")):
+        for split in SPLITS:
+            for row in rows(corpus, split)[:200]:
+                assert build_corpora.split_of(row[field]) == split, (corpus, row["id"])
+    # The rule itself, by hand: the first 8 bytes of the SHA-256, big-endian, mod 100.
+    bucket = int(hashlib.sha256(b"Hello").hexdigest()[:16], 16) % 100
+    expected = "validation" if bucket < 2 else "test" if bucket < 4 else "train"
+    assert build_corpora.split_of("Hello") == expected
+
+
+def test_builder_makes_and_writes_corpora_from_sources(tmp_path: Path) -> None:
+    from tools import build_corpora, corpus_sources
+
+    help_text = {
+        "en": {f"p{i}": f"English paragraph number {i} with enough words in it" for i in range(40)},
+        **{lang: {f"p{i}": f"{lang} paragraph {i}" for i in range(40)} for lang in ("de", "fr", "zh")},
+    }
+    help_text["de"]["p0"] = help_text["en"]["p0"]  # untranslated: dropped
+    packages = [{"id": f"pkg{i}", "description": f"tool number {i} does things\nmore text here",
+                 "synopsis": f"tool {i}", "section": "utils"} for i in range(30)]
+    sentiment = [{"id": "r1", "text": "good", "label": "positive"},
+                 {"id": "r2", "text": "good", "label": "negative"},  # conflicting: dropped
+                 {"id": "r3", "text": "bad", "label": "negative"}]
+    src = corpus_sources.Sources(help_text, packages, sentiment, {}, {}, "bookworm", "12.0")
+    corpora = build_corpora.make_corpora(src)
+    assert sum(len(r) for r in corpora["translate_en_de"].values()) == 39
+    assert sum(len(r) for r in corpora["translate_en_fr"].values()) == 40
+    assert [r["text"] for s in SPLITS for r in corpora["sentiment_rt"][s]] == ["bad"]
+    for split, split_rows in corpora["translate_en_fr"].items():
+        assert all(build_corpora.split_of(r["en"]) == split for r in split_rows)
+    manifest = build_corpora.write_corpora(tmp_path, corpora)
+    path = tmp_path / "translate_en_fr" / "train.jsonl.gz"
+    assert manifest["translate_en_fr"]["train"]["sha256"] == hashlib.sha256(
+        path.read_bytes()).hexdigest()
+    written = [json.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
+    assert written == corpora["translate_en_fr"]["train"]
+
+
+def test_builder_is_one_command_outside_the_package() -> None:
+    import subprocess
+    import sys
+
+    assert not (REPO / "t5x_lite/data/build_corpora.py").exists()
+    result = subprocess.run([sys.executable, "-m", "tools.build_corpora", "--help"], cwd=REPO,
+                            capture_output=True, text=True, check=True)
+    assert "--out" in result.stdout

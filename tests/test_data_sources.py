@@ -1,6 +1,7 @@
 """Tests for t5x_lite.data.sources and tfds_builders: file formats, bad input, bundled corpora."""
 
 import gzip
+import hashlib
 import json
 import sys
 
@@ -48,6 +49,60 @@ def test_rows_are_copies(tmp_path):
   assert source[0] == {'x': '1'}
 
 
+def test_header_names_the_columns_of_tsv_and_csv(tmp_path):
+  tsv = sources.FileSource(_write(tmp_path / 'p.tsv', 'en\tes\nhello\thola\n\nbye\tadiós\n'),
+                           'tsv')
+  assert [tsv[0], tsv[1]] == [{'en': 'hello', 'es': 'hola'}, {'en': 'bye', 'es': 'adiós'}]
+  # RFC 4180: quoted commas, doubled quotes and a quoted line break; then a line number.
+  csv_text = 'en,es\n"Hello, world","Hola, mundo"\n"say ""hi""","di\n""hola"""\nx,y,z\n'
+  path = _write(tmp_path / 'p.csv', csv_text)
+  with pytest.raises(ValueError, match=r'p\.csv:5: 3 comma-separated fields, expected 2 '
+                     r'\(en, es\)'):
+    sources.FileSource(path, 'csv')
+  rows = sources.FileSource(path, 'csv', bad_rows='skip')
+  assert rows.skipped == 1
+  assert [rows[0], rows[1]] == [{'en': 'Hello, world', 'es': 'Hola, mundo'},
+                                {'en': 'say "hi"', 'es': 'di\n"hola"'}]
+
+
+def test_header_must_hold_the_required_columns(tmp_path):
+  path = _write(tmp_path / 'p.tsv', 'en\tde\nhello\thallo\n')
+  with pytest.raises(ValueError, match=r'p\.tsv:1: the header has no column es .*; columns '
+                     r'found: en, de'):
+    sources.FileSource(path, 'tsv', required=('en', 'es'))
+  assert sources.header_columns(path, 'tsv', ('en',)) == ('en', 'de')
+
+
+def test_bad_rows_error_or_skip_and_count(tmp_path):
+  path = _write(tmp_path / 'p.tsv', 'en\tes\na\tb\nc\n\t  \nd\te\n')
+  with pytest.raises(ValueError, match=r'p\.tsv:3: 1 tab-separated fields, expected 2'):
+    sources.FileSource(path, 'tsv', required=('en', 'es'))
+  empty = _write(tmp_path / 'q.tsv', 'en\tes\nx\t \n')
+  with pytest.raises(ValueError, match=r'q\.tsv:2: empty field\(s\) es'):
+    sources.FileSource(empty, 'tsv', required=('en', 'es'))
+  source = sources.FileSource(path, 'tsv', required=('en', 'es'), bad_rows='skip')
+  assert (len(source), source.skipped) == (2, 2)
+  assert [source[0], source[1]] == [{'en': 'a', 'es': 'b'}, {'en': 'd', 'es': 'e'}]
+
+
+@pytest.mark.parametrize('name, format', [('a.tsv', 'tsv'), ('b.csv.gz', 'csv'),
+                                          ('c.jsonl', 'jsonl'), ('d.json', 'jsonl'),
+                                          ('e.txt', 'text')])
+def test_format_of_file_names(name, format):
+  assert sources.format_of(f'dir/{name}') == format
+
+
+def test_format_of_unknown_name():
+  with pytest.raises(ValueError, match=r'data\.xml: cannot tell the format'):
+    sources.format_of('data.xml')
+
+
+def test_content_bucket_by_hand():
+  digest = hashlib.sha256('translate me'.encode('utf-8')).digest()
+  assert sources.content_bucket('translate me', 10_000) == int.from_bytes(digest[:8],
+                                                                          'big') % 10_000
+
+
 @pytest.mark.parametrize('name, content, format, columns, message', [
     ('empty.tsv', '\n  \n', 'tsv', ('a', 'b'), r'empty\.tsv: file is empty'),
     ('latin1.tsv', b'ok\tfine\ncaf\xe9\tx\n', 'tsv', ('a', 'b'),
@@ -68,10 +123,10 @@ def test_bad_files_name_file_and_line(tmp_path, name, content, format, columns, 
 def test_bad_arguments(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'nothing\*\.tsv: no such file'):
     sources.FileSource(str(tmp_path / 'nothing*.tsv'), 'tsv', ('a',))
-  with pytest.raises(ValueError, match='needs columns'):
-    sources.FileSource(str(tmp_path / 'a.tsv'), 'tsv')
-  with pytest.raises(ValueError, match='unknown file format .csv.; use one of tsv, jsonl'):
-    sources.FileSource(str(tmp_path / 'a.csv'), 'csv')
+  with pytest.raises(ValueError, match='a tsv file without a header line needs columns'):
+    sources.FileSource(str(tmp_path / 'a.tsv'), 'tsv', header=False)
+  with pytest.raises(ValueError, match='unknown file format .xml.; use one of tsv, csv, jsonl'):
+    sources.FileSource(str(tmp_path / 'a.xml'), 'xml')
   with pytest.raises(ValueError, match='no rows'):
     sources.InMemorySource([])
   with pytest.raises(TypeError, match='row 1 is a str'):
@@ -102,7 +157,7 @@ def test_tfds_builder_end_to_end_offline(tmp_path):
   assert builder.info.splits['train'].num_examples == _manifest_rows('sentiment_rt', 'train')
   assert list(tmp_path.glob('t5x_lite_sentiment_rt/1.0.0/*.array_record-*'))
 
-  source = sources.TfdsSource('t5x_lite_sentiment_rt', 'test', data_dir=str(tmp_path))
+  source = tfds_builders.TfdsSource('t5x_lite_sentiment_rt', 'test', data_dir=str(tmp_path))
   expected = sources.corpus_source('sentiment_rt', 'test')
   assert len(source) == len(expected)
   by_id = {row['id']: row for row in (source[i] for i in range(len(source)))}

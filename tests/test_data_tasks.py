@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from t5x_lite import config as config_lib
 from t5x_lite.data import preprocessors, sources, tasks, vocabularies
 
 VOCAB = vocabularies.default_vocabulary()
@@ -43,8 +44,8 @@ def test_unknown_name_lists_the_registered_ones():
     tasks.get('translate_en_xx')
   assert str(error.value) == (
       "unknown task or mixture 'translate_en_xx'; registered: " + ', '.join(tasks.names())
-      + '. To add your own TSV/JSONL data, call t5x_lite.data.tasks.register_from_config({...}) '
-      'in your config file (see the README)')
+      + '. To add your own TSV/CSV/JSONL files, set --config.data.files.train=FILE and the '
+      'templates (README: Train on your own data)')
 
 
 def test_register_refuses_duplicates(registry):
@@ -166,9 +167,11 @@ def test_register_jsonl_task_checks_template_fields_per_line(tmp_path, registry)
 @pytest.mark.parametrize('change, message', [
     ({'colums': ['q', 'a']}, r"unknown keys \['colums'\]"),
     ({'targets_template': ''}, r"missing keys \['targets_template'\]"),
-    ({'columns': None}, 'a tsv task needs columns'),
+    ({'columns': None, 'header': False}, 'a tsv file without a header line needs columns'),
     ({'targets_template': '{answer}'}, r"templates use \['answer'\]"),
-    ({'format': 'csv'}, "unknown format 'csv'"),
+    ({'format': 'xml'}, "unknown format 'xml'"),
+    ({'inputs_template': '{q'}, "template '{q' is not a str.format template"),
+    ({'bad_rows': 'ignore'}, 'bad_rows must be one of error, skip'),
     ({'metrics': ['bleu', 'f2']}, r"unknown metrics \['f2'\]; known: bleu, rouge"),
 ])
 def test_bad_config_names_the_problem(tmp_path, registry, change, message):
@@ -190,3 +193,79 @@ def test_config_task_uses_templates_like_preprocessors(tmp_path, registry):
   row = task.source('validation')[0]
   for key in ('inputs', 'targets'):
     np.testing.assert_array_equal(task.preprocess(row)[key], python_task.preprocess(row)[key])
+
+
+# ----------------------------------------------------------------------------------------
+# Tasks from a run config's data.files
+# ----------------------------------------------------------------------------------------
+
+
+def _data_config(**fields):
+  """A run config's data section with `fields` set."""
+  data = config_lib.base_config(config_lib.T5_1_1).data
+  data.update(fields)
+  return data
+
+
+def _pairs(tmp_path, rows, name='pairs.tsv'):
+  path = tmp_path / name
+  path.write_text('en\tes\n' + ''.join(f'{en}\t{es}\n' for en, es in rows), encoding='utf-8')
+  return str(path)
+
+
+def _files_data(train, validation='', **fields):
+  data = _data_config(**{'inputs_template': 'translate: {en}', 'targets_template': '{es}',
+                         **fields})
+  data.files.train, data.files.validation = train, validation
+  return data
+
+
+def test_from_config_builds_a_task_from_header_files(tmp_path, registry):
+  _pairs(tmp_path, [('hello', 'hola'), ('thanks', 'gracias')], 'a_train.tsv')
+  more = _pairs(tmp_path, [('good', 'bueno')], 'more.tsv')
+  dev = _pairs(tmp_path, [('yes', 'sí')], 'dev.tsv')
+  data = _files_data(f'{tmp_path / "*_train.tsv"},{more}', dev, metrics='bleu,accuracy')
+  task = tasks.from_config(data)
+  assert (task.name, list(task.splits)) == ('tsv', ['train', 'validation'])
+  assert tasks.from_config(data) is task  # built once per process
+  assert [VOCAB.decode(task.preprocess(row)['inputs']) for row in task.source('train')] == [
+      'translate: hello', 'translate: thanks', 'translate: good']
+  assert VOCAB.decode(task.preprocess(task.source('validation')[0])['targets']) == 'sí'
+  assert set(task.score(['a b c d'], ['a b c d'])) == {'bleu', 'accuracy'}
+  # eval.task names a registered task instead; data.task is the route without files.
+  assert tasks.from_config(data, 'sentiment_rt').name == 'sentiment_rt'
+  assert tasks.from_config(_data_config(task='translate_en_fr')).name == 'translate_en_fr'
+
+
+@pytest.mark.parametrize('fields, files, message', [
+    ({}, 'missing*.tsv', r'missing\*\.tsv: no such file'),
+    ({'targets_template': '{de}'}, None, r'pairs\.tsv:1: the header has no column de .*; '
+     r'columns found: en, es'),
+    ({'header': False}, None, 'a tsv file without a header line needs columns'),
+    ({'header': False, 'columns': 'en,de'}, None, r"templates use \['es'\]"),
+    ({'format': 'xml'}, None, "unknown format 'xml'"),
+    ({'metrics': 'blue'}, None, r"unknown metrics \['blue'\]"),
+])
+def test_from_config_bad_settings_name_the_problem(tmp_path, registry, fields, files, message):
+  pairs = _pairs(tmp_path, [('hello', 'hola')])
+  data = _files_data(str(tmp_path / files) if files else pairs, **fields)
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    tasks.from_config(data)
+
+
+def test_validation_carved_from_train_by_content_hash(tmp_path, registry):
+  rows = [(f'sentence {i}', f'frase {i}') for i in range(200)]
+  data = _files_data(_pairs(tmp_path, rows), validation_fraction=0.1)
+  task = tasks.from_config(data)
+  assert list(task.splits) == ['train', 'validation']
+  train, validation = task.source('train'), task.source('validation')
+  held_out = [row for row in (dict(en=en, es=es) for en, es in rows)
+              if sources.content_bucket(f'translate: {row["en"]}', 10_000) < 1_000]
+  assert [validation[i] for i in range(len(validation))] == held_out
+  assert len(train) + len(validation) == 200 and 0 < len(validation) < 40
+  with pytest.raises(ValueError, match="task tsv has no split 'test'"):
+    task.source('test')
+
+
+def test_mixture_splits_are_those_of_every_task():
+  assert tasks.get('pretrain_span_corruption').splits == ['train', 'validation', 'test']

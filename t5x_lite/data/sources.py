@@ -1,15 +1,21 @@
 """Random-access data sources (`len(source)`, `source[i] -> dict`) that grain reads directly.
 
 File data is small here, so file sources parse every row at construction and any bad line
-fails at once, with its `file:line`, instead of midway through training.
+fails at once, with its `file:line`, instead of midway through training. TFDS datasets are
+read by `tfds_builders.TfdsSource`.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+import csv
+import functools
 import glob
 import gzip
+import hashlib
 import json
 import pathlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
+
+from absl import logging
 
 CORPORA_DIR = pathlib.Path(__file__).parent / 'corpora'
 SPLITS = ('train', 'validation', 'test')
@@ -23,7 +29,11 @@ CORPORA = {
     'sentiment_rt': ('id', 'text', 'label'),
     'pretrain_text': ('id', 'text'),
 }
-FORMATS = ('tsv', 'jsonl', 'text')
+FORMATS = ('tsv', 'csv', 'jsonl', 'text')
+# File name endings -> format, for `format_of` ('.gz' is looked through).
+_EXTENSIONS = {'.tsv': 'tsv', '.csv': 'csv', '.jsonl': 'jsonl', '.json': 'jsonl',
+               '.txt': 'text'}
+BAD_ROWS = ('error', 'skip')
 
 Example = dict[str, Any]
 
@@ -55,7 +65,7 @@ class InMemorySource:
     return dict(self._rows[index])
 
 
-def _expand(patterns: str | Sequence[str]) -> list[str]:
+def expand(patterns: str | Sequence[str]) -> list[str]:
   """Sorted files matching each glob; a pattern matching nothing is an error."""
   files = []
   for pattern in [patterns] if isinstance(patterns, str) else patterns:
@@ -66,101 +76,182 @@ def _expand(patterns: str | Sequence[str]) -> list[str]:
   return files
 
 
+def format_of(path: str) -> str:
+  """The format a file name implies ('pairs.tsv.gz' -> 'tsv')."""
+  suffix = pathlib.Path(path.removesuffix('.gz')).suffix
+  if suffix not in _EXTENSIONS:
+    raise ValueError(f'{path}: cannot tell the format from the file name; set it to one of '
+                     f'{", ".join(FORMATS)}')
+  return _EXTENSIONS[suffix]
+
+
 def _lines(path: str) -> Iterator[tuple[int, str]]:
-  """(line number, text) of the non-blank lines of a plain or .gz UTF-8 file."""
+  """(line number, text with its newline) of every line of a plain or .gz UTF-8 file."""
   opener = gzip.open if path.endswith('.gz') else open
   with opener(path, 'rb') as f:
     for number, raw in enumerate(f, start=1):
       try:
-        line = raw.decode('utf-8').rstrip('\r\n')
+        line = raw.decode('utf-8')
       except UnicodeDecodeError as e:
         raise ValueError(f'{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start}); '
                          're-encode the file as UTF-8') from None
-      if line.strip():
-        yield number, line
+      yield number, line.removesuffix('\n').removesuffix('\r') + '\n'
 
 
-def _parse(line: str, format: str, columns: Sequence[str], where: str) -> Example:
-  """One row from one line; `columns` are TSV field names or required JSON keys."""
+def content_bucket(text: str, buckets: int = 100) -> int:
+  """A stable bucket in [0, buckets) from the SHA-256 of `text`: how splits are assigned
+  by content, here and in the bundled corpora."""
+  return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big') % buckets
+
+
+class BadRow(ValueError):
+  """A row that cannot become an example (wrong field count, invalid JSON, empty field)."""
+
+
+def _records(path: str, format: str) -> Iterator[tuple[int, list[str] | str]]:
+  """(first line number, fields) per record: a list for tsv/csv, the line otherwise.
+
+  Blank lines (spaces at most) are skipped, but a line of empty fields is a row; csv fields
+  may be quoted and span lines (RFC 4180); tsv fields are split at every tab, with no
+  quoting (the TSV convention, as in seqio).
+  """
+  lines = _lines(path)
+  if format != 'csv':
+    for number, line in lines:
+      if line.strip(' \r\n'):
+        line = line.removesuffix('\n')
+        yield number, line.split('\t') if format == 'tsv' else line
+    return
+  numbers = []  # the line number of each line the csv reader has taken
+  def feed():
+    for number, line in lines:
+      numbers.append(number)
+      yield line
+  reader = csv.reader(feed())
+  while True:
+    first = len(numbers)  # the index of the record's first line
+    try:
+      fields = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      raise ValueError(f'{path}:{numbers[-1]}: invalid CSV ({e})') from None
+    if len(fields) > 1 or fields and fields[0].strip(' '):
+      yield numbers[first], fields
+
+
+def _row(record: list[str] | str, format: str, columns: Sequence[str], where: str) -> Example:
+  """One row from one record; `columns` name the tsv/csv fields or the required JSON keys."""
   if format == 'text':
-    return {columns[0]: line}
-  if format == 'tsv':
-    fields = line.split('\t')
-    if len(fields) != len(columns):
-      raise ValueError(f'{where}: {len(fields)} tab-separated fields, expected '
-                       f'{len(columns)} ({", ".join(columns)})')
-    return dict(zip(columns, fields))
+    return {columns[0]: record}
+  if format in ('tsv', 'csv'):
+    if len(record) != len(columns):
+      kind = 'tab-separated' if format == 'tsv' else 'comma-separated'
+      raise BadRow(f'{where}: {len(record)} {kind} fields, expected {len(columns)} '
+                   f'({", ".join(columns)})')
+    return dict(zip(columns, record))
   try:
-    row = json.loads(line)
+    row = json.loads(record)
   except json.JSONDecodeError as e:
-    raise ValueError(f'{where}: invalid JSON ({e.msg} at column {e.colno})') from None
+    raise BadRow(f'{where}: invalid JSON ({e.msg} at column {e.colno})') from None
   if not isinstance(row, dict):
-    raise ValueError(f'{where}: expected a JSON object, got {type(row).__name__}')
+    raise BadRow(f'{where}: expected a JSON object, got {type(row).__name__}')
   missing = [c for c in columns if c not in row]
   if missing:
-    raise ValueError(f'{where}: missing key(s) {", ".join(missing)}; '
-                     f'the line has {", ".join(row) or "no keys"}')
+    raise BadRow(f'{where}: missing key(s) {", ".join(missing)}; '
+                 f'the line has {", ".join(row) or "no keys"}')
+  return row
+
+
+def _check_filled(row: Example, required: Sequence[str], where: str) -> Example:
+  empty = [key for key in required if isinstance(row[key], str) and not row[key].strip()]
+  if empty:
+    raise BadRow(f'{where}: empty field(s) {", ".join(empty)}')
   return row
 
 
 class FileSource(InMemorySource):
-  """Rows of TSV, JSON-lines or plain-text files (globs and .gz allowed), blank lines skipped.
+  """Rows of TSV, CSV, JSON-lines or plain-text files (globs and .gz allowed).
+
+  Blank lines are skipped. A bad row (wrong field count, invalid JSON, a missing or empty
+  required field) stops with its `file:line`, or with bad_rows='skip' is skipped and
+  counted (`skipped`, and one warning per file naming the first).
 
   Args:
     patterns: a path or glob, or a list of them; files are read in sorted order per pattern.
-    format: 'tsv' (tab-separated, no header, no quoting), 'jsonl' (one object per line) or
-      'text' (each line becomes one example).
-    columns: the TSV field names (required); for jsonl the keys every object must have
-      (optional); for text the one field name (default 'text').
+    format: 'tsv' (tab-separated, no quoting), 'csv' (RFC 4180 quoting), 'jsonl' (one
+      object per line) or 'text' (each line becomes one example).
+    columns: tsv/csv field names, in order, of files without a header line; for jsonl the
+      keys every object must have; for text the one field name (default 'text').
+    header: tsv/csv: the first line of each file names its columns. Default: True unless
+      `columns` are given.
+    required: fields every row must have, non-empty (e.g. those a template uses); a header
+      without one of them is an error naming it and the columns found.
+    bad_rows: 'error' or 'skip'.
   """
 
   def __init__(self, patterns: str | Sequence[str], format: str = 'jsonl',
-               columns: Sequence[str] | None = None):
+               columns: Sequence[str] | None = None, *, header: bool | None = None,
+               required: Sequence[str] = (), bad_rows: str = 'error'):
     if format not in FORMATS:
       raise ValueError(f'unknown file format {format!r}; use one of {", ".join(FORMATS)}')
-    if format == 'tsv' and not columns:
-      raise ValueError('a TSV source needs columns=(names of its tab-separated fields)')
+    if bad_rows not in BAD_ROWS:
+      raise ValueError(f'bad_rows must be one of {", ".join(BAD_ROWS)}, got {bad_rows!r}')
+    header = format in ('tsv', 'csv') and (not columns if header is None else header)
+    if format in ('tsv', 'csv') and not header and not columns:
+      raise ValueError(f'a {format} file without a header line needs columns=(the names of '
+                       'its fields, in order)')
     columns = tuple(columns or (('text',) if format == 'text' else ()))
+    self.skipped = 0
     rows = []
-    for path in _expand(patterns):
-      count = len(rows)
-      rows.extend(_parse(line, format, columns, f'{path}:{number}')
-                  for number, line in _lines(path))
-      if len(rows) == count:
-        raise ValueError(f'{path}: file is empty (no non-blank lines)')
+    for path in expand(patterns):
+      records = _records(path, format)
+      file_columns = _header(path, next(records, None), required) if header else columns
+      count, skipped = len(rows), []
+      for number, record in records:
+        where = f'{path}:{number}'
+        try:
+          rows.append(_check_filled(_row(record, format, file_columns, where), required, where))
+        except BadRow as e:
+          if bad_rows == 'error':
+            raise
+          skipped.append(str(e))
+      if skipped:
+        logging.warning('%s: skipped %d bad row(s) (bad_rows=skip); the first: %s', path,
+                        len(skipped), skipped[0])
+        self.skipped += len(skipped)
+      if len(rows) == count and not skipped:
+        raise ValueError(f'{path}: file is empty (no rows)')
+    if not rows:
+      raise ValueError(f'{patterns}: every row was bad and skipped ({self.skipped})')
     super().__init__(rows)
 
 
+def _header(path: str, first: tuple[int, Any] | None, required: Sequence[str]
+            ) -> tuple[str, ...]:
+  """The column names on a file's first line, checked to hold every required field."""
+  if first is None:
+    raise ValueError(f'{path}: file is empty (not even a header line)')
+  columns = tuple(name.strip() for name in first[1])
+  missing = [name for name in required if name not in columns]
+  if missing:
+    raise ValueError(f'{path}:{first[0]}: the header has no column {", ".join(missing)} '
+                     '(a template or the columns setting names it); columns found: '
+                     + ', '.join(columns))
+  return columns
+
+
+def header_columns(path: str, format: str, required: Sequence[str] = ()) -> tuple[str, ...]:
+  """The columns a tsv/csv file's header line names, checked to hold `required`."""
+  return _header(path, next(_records(path, format), None), required)
+
+
+@functools.cache
 def corpus_source(corpus: str, split: str) -> FileSource:
-  """A split ('train', 'validation', 'test') of a bundled corpus (see `CORPORA`)."""
+  """A split ('train', 'validation', 'test') of a bundled corpus (see `CORPORA`), read once
+  per process (rows are copied on access, so sharing it is safe)."""
   if corpus not in CORPORA:
     raise KeyError(f'unknown corpus {corpus!r}; bundled corpora: {", ".join(CORPORA)}')
   if split not in SPLITS:
     raise ValueError(f'unknown split {split!r} of {corpus}; use one of {", ".join(SPLITS)}')
   return FileSource(str(CORPORA_DIR / corpus / f'{split}.jsonl.gz'), 'jsonl', CORPORA[corpus])
-
-
-def _to_text(value: Any) -> Any:
-  return value.decode('utf-8') if isinstance(value, bytes) else value
-
-
-class TfdsSource:
-  """A split of a TFDS dataset stored as array_record, via `tfds.data_source` (no TensorFlow).
-
-  The bundled corpora are TFDS datasets `t5x_lite_<corpus>` (see tfds_builders.py), built in
-  `data_dir` on first use from the shipped files. Text features come back as `str`.
-  """
-
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
-    # Imported here: tensorflow_datasets is slow to import and only this source needs it.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from t5x_lite.data import tfds_builders  # pylint: disable=g-import-not-at-top
-    self._source = tfds.data_source(
-        name, split=split, data_dir=data_dir,
-        download_and_prepare_kwargs={'download_config': tfds_builders.offline_config()})
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> Example:
-    return {key: _to_text(value) for key, value in self._source[index].items()}

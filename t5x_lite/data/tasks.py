@@ -8,12 +8,15 @@ The registry is the one place names are looked up:
   task = tasks.get('translate_en_de')
   example = task.preprocess(task.source('train')[0])   # {'inputs': int32[...], 'targets': ...}
 
-A TSV/JSONL/text task can be added without code with `register_from_config`.
+Tasks over your own TSV/CSV/JSONL/text files need no code: `register_from_config` in Python,
+or a run config's `data.files.*` fields, which `from_config` turns into a task (the one
+function the commands call to find theirs).
 """
 
 import dataclasses
 import functools
 import inspect
+import json
 import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,6 +44,7 @@ class Task:
     metric_fns: `fn(targets, predictions) -> dict[str, float]` on postprocessed text.
     postprocess_fn: maps decoded text (predictions and targets) to what metrics compare;
       None keeps it unchanged.
+    splits: the split names `source` accepts.
   """
 
   name: str
@@ -49,6 +53,7 @@ class Task:
   output_features: Mapping[str, Feature]
   metric_fns: Sequence[metrics.MetricFn] = ()
   postprocess_fn: Callable[[str], str] | None = None
+  splits: Sequence[str] = sources.SPLITS
 
   @functools.cached_property
   def _wants(self) -> list[tuple[Preprocessor, bool, bool]]:
@@ -132,6 +137,12 @@ class Mixture:
                          'output_features; a mixture needs the same features in every task')
     return first.output_features
 
+  @property
+  def splits(self) -> list[str]:
+    """The splits every one of its tasks has."""
+    first, *rest = self.tasks
+    return [split for split in first.splits if all(split in task.splits for task in rest)]
+
   def __repr__(self) -> str:
     return f'Mixture({self.name!r}, {list(self.task_names)}, rates={list(self.rates)})'
 
@@ -203,8 +214,8 @@ def get(name: str) -> Task | Mixture:
   if name not in _REGISTRY:
     raise UnknownNameError(
         f'unknown task or mixture {name!r}; registered: {", ".join(names())}. To add your '
-        'own TSV/JSONL data, call t5x_lite.data.tasks.register_from_config({...}) in your '
-        'config file (see the README)')
+        'own TSV/CSV/JSONL files, set --config.data.files.train=FILE and the templates '
+        '(README: Train on your own data)')
   return _REGISTRY[name]
 
 
@@ -217,57 +228,132 @@ def names() -> list[str]:
 # Tasks from plain config
 # ----------------------------------------------------------------------------------------
 
-_CONFIG_KEYS = ('name', 'paths', 'format', 'columns', 'inputs_template', 'targets_template',
-                'vocabulary', 'metrics')
+_CONFIG_KEYS = ('name', 'paths', 'format', 'header', 'columns', 'inputs_template',
+                'targets_template', 'vocabulary', 'metrics', 'bad_rows', 'validation_fraction')
 _REQUIRED_KEYS = ('name', 'paths', 'inputs_template', 'targets_template')
+# Buckets of the content hash that carves a validation split out of train.
+_CARVE_BUCKETS = 10_000
 
 
-def _template_fields(template: str) -> set[str]:
+def _template_fields(template: str, where: str) -> set[str]:
   """Top-level field names of a str.format template ('{a.b[0]}' -> 'a')."""
-  return {field.split('.')[0].split('[')[0]
-          for _, field, _, _ in string.Formatter().parse(template) if field}
+  try:
+    parsed = list(string.Formatter().parse(template))
+  except ValueError as e:
+    raise ValueError(f'{where}: template {template!r} is not a str.format template ({e}); '
+                     'write fields as {name} and a literal brace as {{ or }}') from None
+  return {field.split('.')[0].split('[')[0] for _, field, _, _ in parsed if field}
 
 
-def _split_source(task: str, paths: Mapping[str, Any], format: str,
-                  columns: Sequence[str], split: str) -> sources.FileSource:
-  if split not in paths:
-    raise ValueError(f'task {task} has no split {split!r}; its splits: {", ".join(paths)}')
-  return sources.FileSource(paths[split], format, columns)
+@dataclasses.dataclass(eq=False)
+class _FileSplits:
+  """A config task's `source`: split -> rows, each split read once; without a validation
+  file, `validation_fraction` of train (by a hash of each rendered input) is validation."""
+
+  task: str
+  paths: Mapping[str, list[str]]
+  options: Mapping[str, Any]  # FileSource's format, columns, header, required, bad_rows
+  inputs_template: str
+  validation_fraction: float = 0.0
+  _cache: dict[str, sources.DataSource] = dataclasses.field(default_factory=dict)
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    carved = ('validation',) if self._carves else ()
+    return tuple(self.paths) + carved
+
+  @property
+  def _carves(self) -> bool:
+    return self.validation_fraction > 0 and 'validation' not in self.paths
+
+  def __call__(self, split: str) -> sources.DataSource:
+    if split not in self.splits:
+      raise ValueError(f'task {self.task} has no split {split!r}; its splits: '
+                       f'{", ".join(self.splits)}')
+    if split not in self._cache:
+      if self._carves and split in ('train', 'validation'):
+        self._cache.update(self._carve())
+      else:
+        self._cache[split] = sources.FileSource(self.paths[split], **self.options)
+    return self._cache[split]
+
+  def _carve(self) -> dict[str, sources.DataSource]:
+    train = sources.FileSource(self.paths['train'], **self.options)
+    held_out = self.validation_fraction * _CARVE_BUCKETS
+    rows = {'train': [], 'validation': []}
+    for row in (train[i] for i in range(len(train))):
+      bucket = sources.content_bucket(self.inputs_template.format_map(row), _CARVE_BUCKETS)
+      rows['validation' if bucket < held_out else 'train'].append(row)
+    for split, split_rows in rows.items():
+      if not split_rows:
+        raise ValueError(f'task {self.task}: validation_fraction={self.validation_fraction} '
+                         f'leaves the {split} split of its {len(train)} rows empty')
+    return {split: sources.InMemorySource(split_rows) for split, split_rows in rows.items()}
 
 
-def _config_columns(config: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...]]:
-  """The file format and columns of a task config, checked against its templates."""
-  format = config.get('format', 'jsonl')
+def _as_list(value: Any) -> list[str]:
+  """A list of strings from a list or a comma-separated string ('' -> [])."""
+  if isinstance(value, str):
+    return [part.strip() for part in value.split(',') if part.strip()]
+  return [str(part) for part in value or ()]
+
+
+def _file_options(config: Mapping[str, Any], paths: Mapping[str, list[str]], where: str
+                  ) -> dict[str, Any]:
+  """FileSource's options for a task config, checked against its templates and files."""
+  format = config.get('format') or sources.format_of(sources.expand(paths['train'])[0])
   if format not in sources.FORMATS:
     raise ValueError(f'{where}: unknown format {format!r}; use one of '
                      f'{", ".join(sources.FORMATS)}')
-  fields = (_template_fields(config['inputs_template'])
-            | _template_fields(config['targets_template']))
-  columns = tuple(config.get('columns') or ())
-  if format == 'tsv' and not columns:
-    raise ValueError(f'{where}: a tsv task needs columns (its tab-separated field names, '
-                     'in order)')
+  fields = (_template_fields(config['inputs_template'], where)
+            | _template_fields(config['targets_template'], where))
+  columns = tuple(_as_list(config.get('columns')))
+  tabular = format in ('tsv', 'csv')
+  header = config.get('header')
+  header = tabular and (not columns if header is None else header)
+  if tabular and not header and not columns:
+    raise ValueError(f'{where}: a {format} file without a header line needs columns (its '
+                     'field names, in order)')
+  known = ('text',) if format == 'text' else columns
+  if not header and format != 'jsonl' and not fields <= set(known):
+    raise ValueError(f'{where}: templates use {sorted(fields - set(known))}, which are not '
+                     f'among the columns {list(known)}')
+  bad_rows = config.get('bad_rows', 'error')
+  if bad_rows not in sources.BAD_ROWS:
+    raise ValueError(f'{where}: bad_rows must be one of {", ".join(sources.BAD_ROWS)}, got '
+                     f'{bad_rows!r}')
+  # A missing file or a header without a template field fails now, not when first read.
+  for split_paths in paths.values():
+    for path in sources.expand(split_paths):
+      if header:
+        sources.header_columns(path, format, sorted(fields | set(columns)))
   # Listing the template fields as jsonl columns makes a line without one fail as file:line.
-  columns = columns or (('text',) if format == 'text' else tuple(sorted(fields)))
-  if not fields <= set(columns):
-    raise ValueError(f'{where}: templates use {sorted(fields - set(columns))}, which are not '
-                     f'among the columns {list(columns)}')
-  return format, columns
+  columns = columns or (tuple(sorted(fields)) if format == 'jsonl' else known)
+  return dict(format=format, columns=None if header else columns, header=header,
+              required=tuple(sorted(fields)), bad_rows=bad_rows)
 
 
 def register_from_config(config: Any, overwrite: bool = False) -> Task:
-  """Registers a seq2seq task over TSV/JSONL/text files described by a dict or ConfigDict.
+  """Registers a seq2seq task over TSV/CSV/JSONL/text files described by a dict or ConfigDict.
 
   Keys:
     name: the task name.
-    paths: a glob or list of globs (the 'train' split), or a dict split -> glob(s).
-    format: 'tsv', 'jsonl' (default) or 'text' (one example per line, field 'text').
-    columns: the TSV field names, in order (required for tsv); for jsonl, keys every line
-      must have (default: the fields the templates use).
+    paths: a glob or list of globs (the 'train' split), or a dict split -> glob(s); several
+      globs may also be one comma-separated string.
+    format: 'tsv', 'csv', 'jsonl' or 'text' (one example per line, field 'text'); default:
+      from the first train file's name (.tsv, .csv, .jsonl/.json, .txt, each maybe .gz).
+    header: tsv/csv: the first line of each file names the columns (default: True unless
+      `columns` are given).
+    columns: field names of headerless tsv/csv files, in order; for jsonl, keys every line
+      must have (default: the fields the templates use). A list or a comma-separated string.
     inputs_template, targets_template: `str.format` templates over the columns, e.g.
-      'question: {q}' and '{a}'.
+      'question: {q}' and '{a}'; the fields they use must be non-empty in every row.
     vocabulary: a SentencePiece .model path (default: vocabularies.default_vocabulary()).
-    metrics: names from t5x_lite.metrics.METRICS, e.g. ['accuracy'].
+    metrics: names from t5x_lite.metrics.METRICS, e.g. ['accuracy'] or 'bleu'.
+    bad_rows: 'error' (default: stop at the first bad row, naming file:line) or 'skip' (skip
+      and count them, with a warning naming the first).
+    validation_fraction: without a 'validation' path, hold out this share of train as the
+      validation split, by a hash of each rendered input (deterministic; 0 = none).
   """
   config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   where = f'task config {config.get("name", "(unnamed)")}'
@@ -277,26 +363,68 @@ def register_from_config(config: Any, overwrite: bool = False) -> Task:
   if problems:
     raise ValueError(f'{where}: {", ".join(problems)}; allowed keys: {", ".join(_CONFIG_KEYS)} '
                      f'({", ".join(_REQUIRED_KEYS)} required)')
-  format, columns = _config_columns(config, where)
-  metric_names = list(config.get('metrics', ()))
+  metric_names = _as_list(config.get('metrics'))
   unknown = sorted(set(metric_names) - set(metrics.METRICS))
   if unknown:
     raise ValueError(f'{where}: unknown metrics {unknown}; known: {", ".join(metrics.METRICS)}')
   paths = config['paths'] if isinstance(config['paths'], dict) else {'train': config['paths']}
+  paths = {split: _as_list(patterns) for split, patterns in paths.items() if patterns}
+  fraction = float(config.get('validation_fraction') or 0.0)
+  if 'train' not in paths or not 0 <= fraction < 1:
+    raise ValueError(f'{where}: needs a train path and 0 <= validation_fraction < 1, got '
+                     f'splits {sorted(paths)} and validation_fraction={fraction}')
   vocabulary = (vocabularies.SentencePieceVocabulary(config['vocabulary'])
                 if config.get('vocabulary') else None)
+  splits = _FileSplits(config['name'], paths, _file_options(config, paths, where),
+                       config['inputs_template'], fraction)
   task = Task(
-      name=config['name'],
-      source=functools.partial(_split_source, config['name'], paths, format, columns),
+      name=config['name'], source=splits,
       preprocessors=(
           functools.partial(preprocessors.apply_template,
                             inputs_template=config['inputs_template'],
                             targets_template=config['targets_template']),
           preprocessors.tokenize, preprocessors.append_eos),
       output_features=seq2seq_features(vocabulary),
-      metric_fns=tuple(metrics.METRICS[m] for m in metric_names))
+      metric_fns=tuple(metrics.METRICS[m] for m in metric_names), splits=splits.splits)
   register(task, overwrite)
   return task
+
+
+# Config tasks built by `from_config`, by their settings: one task (and one read of each
+# file) per process however many commands look it up.
+_FILE_TASKS: dict[str, Task] = {}
+
+
+def from_config(data: Any, name: str = '') -> Task | Mixture:
+  """The task or mixture a run config's `data` section describes, in its vocabulary.
+
+  With any `data.files.<split>` set, a task over those files (named after its format,
+  e.g. 'tsv', and registered under that name) from `data.format`, `header`, `columns`,
+  `inputs_template`, `targets_template`, `metrics`, `bad_rows` and `validation_fraction`;
+  otherwise the registered `data.task`.
+
+  Args:
+    data: a run config's `data` ConfigDict (see config.base_config).
+    name: a registered task or mixture to use instead (e.g. `eval.task`); '' = as above.
+  """
+  if name:
+    task = get(name)
+  elif any(data.files.values()):
+    settings = {
+        'paths': data.files.to_dict(), 'format': data.format, 'header': data.header,
+        'columns': data.columns, 'inputs_template': data.inputs_template,
+        'targets_template': data.targets_template, 'metrics': data.metrics,
+        'bad_rows': data.bad_rows, 'validation_fraction': data.validation_fraction}
+    key = json.dumps(settings, sort_keys=True)
+    if key not in _FILE_TASKS:
+      train = _as_list(data.files.get('train', ''))
+      task_name = data.format or (sources.format_of(sources.expand(train)[0]) if train
+                                  else 'files')
+      _FILE_TASKS[key] = register_from_config({'name': task_name, **settings}, overwrite=True)
+    task = _FILE_TASKS[key]
+  else:
+    task = get(data.task)
+  return with_vocabulary(task, data.vocabulary)
 
 
 # ----------------------------------------------------------------------------------------

