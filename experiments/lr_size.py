@@ -7,17 +7,13 @@ Results: experiments/results/lr_size/ (results.md, results.csv, loss_curves.png,
 metric against each swept hyperparameter).
 """
 
-from etils import epath
-
-from t5x_lite import sweeps
-
-_REPO = epath.Path(__file__).parent.parent
+from t5x_lite import presets, sweeps
 
 
 def get_config():
   """The quickstart's model and recipe, shortened: 200 steps of 32 rows, then greedy
   decoding of 200 validation pairs."""
-  config = sweeps.load_config(_REPO / 'configs' / 'quickstart.py')
+  config = presets.get('quickstart')
   config.train.num_steps = 200
   config.train.batch_size = 32
   config.train.log_every = 20
