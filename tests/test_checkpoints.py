@@ -45,7 +45,7 @@ def setup(config, mesh_shape):
   partitioner = trainer.setup_partitioner(config)
   model_config = config_lib.model_config(config)
   model = models.build_model(model_config)
-  tx = optimizers.make_optimizer(trainer._with_total_steps(config.optimizer,
+  tx = optimizers.make_optimizer(trainer.optimizer_settings(config.optimizer,
                                                            config.train.num_steps))
   shapes, shardings = trainer.abstract_state(model_config, tx, partitioner)
   return types.SimpleNamespace(model=model, model_config=model_config, tx=tx, shapes=shapes,
