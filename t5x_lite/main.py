@@ -64,6 +64,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
           '`info` lists the fields.')
   except (flags.Error, TypeError, ValueError) as e:
     _fail(f'bad flag: {_first_line(e)}')
+  except Exception as e:  # pylint: disable=broad-except  # the config file's own code failed
+    _fail(f'config file {config_file} failed in get_config() ({type(e).__name__}: '
+          f'{_first_line(e)}); fix the file')
 
 
 def _unquoted(text: str) -> str:

@@ -14,7 +14,6 @@ backend exists); each child runs `main.run()` with its own argv, stdout, stderr 
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,8 +24,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from t5x_lite import checkpoints, models, optimizers, trainer, validation
+from t5x_lite import checkpoints, optimizers, trainer, validation
 from t5x_lite import config as config_lib
+from test_checkpoints import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/t5_1_1_tiny.py', '--config.data.feature_lengths.inputs=16',
@@ -97,6 +97,8 @@ CASES = {
                             ['syntax_error.py:2:', 'fix that line']),
     'config_without_get_config': (['train', '--config={root}/no_get_config.py', '{fresh}'],
                                   ['no_get_config.py has no get_config()']),
+    'config_raises': (['train', '--config={root}/raises.py', '{fresh}'],
+                      ['raises.py failed in get_config()', 'NameError', 'undefined_name']),
     'config_binary': (['train', '--config={root}/binary.py', '{fresh}'],
                       ['binary.py is not Python source']),
     'config_missing': (['train', '--config={root}/nope.py', '{fresh}'], ['not found']),
@@ -145,17 +147,6 @@ CASES = {
                                    '--workdir={fresh}'], ['config.json is not valid JSON']),
     'info_bad_model_field': (['info', '--config.model.d_ff=0'], ['d_ff=0', 'positive']),
 }
-
-
-def _tiny_config():
-  spec = importlib.util.spec_from_file_location(
-      't5_1_1_tiny', os.path.join(REPO, 'configs', 't5_1_1_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.feature_lengths.update(inputs=16, targets=16)
-  config.train.batch_size = 8
-  return config
 
 
 def write_run(workdir, config, step=5):
@@ -238,7 +229,7 @@ def _argv(template, root):
 @pytest.fixture(scope='module')
 def catalogue(tmp_path_factory):
   root = tmp_path_factory.mktemp('bad_inputs')
-  config = _tiny_config()
+  config = tiny_config()
   write_run(str(root / 'run'), config)
   write_run(str(root / 'bad_json_run'), config)
   (root / 'bad_json_run' / 'config.json').write_text('{"model": {"d_model": 64,')
@@ -246,6 +237,7 @@ def catalogue(tmp_path_factory):
   (root / 'a_file').write_text('not a directory')
   (root / 'syntax_error.py').write_text('def get_config():\n  return {\n')
   (root / 'no_get_config.py').write_text('CONFIG = 1\n')
+  (root / 'raises.py').write_text('def get_config():\n  return undefined_name\n')
   (root / 'binary.py').write_bytes(bytes(range(256)))
   for name in ('hf_truncated', 'hf_bad_json'):
     (root / name).mkdir()
