@@ -148,23 +148,46 @@ def train(config: ml_collections.ConfigDict) -> None:
     print(f'loss curve: {plots.plot_loss_curve(workdir)}')
 
 
+class _OrbaxErrors(logging.Filter):
+  """Holds back Orbax's error records (it logs a failed save's traceback from its save
+  threads, once per array) so the terminal keeps one line; they go to error.log."""
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
+      self.records.append(record)
+      return False
+    return True
+
+
 @contextlib.contextmanager
 def _errors_logged(workdir: str) -> Iterator[None]:
   """A failure while training (a save error, a full disk, a NaN) becomes one line on the
-  terminal; its full traceback is appended to <workdir>/error.log."""
+  terminal; its full traceback (and Orbax's error records) is appended to <workdir>/error.log."""
+  held_back = _OrbaxErrors()
+  handler = absl_logging.get_absl_handler()
+  handler.addFilter(held_back)
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except  # every failure gets one line
     log = epath.Path(workdir) / 'error.log'
+    formatter = logging.Formatter('%(asctime)s %(pathname)s:%(lineno)d %(message)s')
     try:
       with log.open('a') as f:
-        f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")}\n{traceback.format_exc()}')
+        f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")}\n'
+                + ''.join(formatter.format(r) + '\n' for r in held_back.records)
+                + traceback.format_exc())
       where = f' (traceback in {log})'
     except OSError:  # the disk that failed the save may fail this too
       where = ''
     expected = isinstance(e, (ValueError, KeyError, FileNotFoundError, *_ONE_LINE_ERRORS))
     reason = (str(e) if expected else f'{type(e).__name__}: {e}').strip().splitlines()
     _fail((reason[0] if reason else type(e).__name__) + where)
+  finally:
+    handler.removeFilter(held_back)
 
 
 def _checkpoint_workdir(command: str, config: ml_collections.ConfigDict) -> str:
