@@ -26,7 +26,6 @@ from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
 from t5x_lite import checkpoints, eval_commands, hf_io, models, plots, trainer, validation
-from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file; override fields with --config.a.b=value.',
@@ -80,7 +79,7 @@ def _unquoted(text: str) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0].strip('\'"')
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _check_config_file(path: str) -> None:
@@ -235,11 +234,15 @@ def _hf_dir(command: str) -> str:
   return _HF_DIR.value
 
 
+def _listing(directory: str) -> str:
+  return ', '.join(sorted(path.name for path in epath.Path(directory).iterdir()))
+
+
 def export(config: ml_collections.ConfigDict) -> None:
   """Writes --workdir's newest params as a Hugging Face directory (--hf_dir)."""
   hf_dir = _hf_dir('export')
   step = hf_io.export(config, _checkpoint_workdir('export', config), hf_dir)
-  print(f'wrote the step {step} params to {hf_dir}: ' + ', '.join(sorted(os.listdir(hf_dir))))
+  print(f'wrote the step {step} params to {hf_dir}: {_listing(hf_dir)}')
 
 
 def convert(config: ml_collections.ConfigDict | None) -> None:
@@ -256,7 +259,7 @@ def convert(config: ml_collections.ConfigDict | None) -> None:
   model = hf_io.convert(hf_dir, workdir, mesh_shape)
   print(f'converted {hf_dir} ({model.architecture}, '
         f'{models.count_params(models.param_shapes(model)):,} params) to {workdir}: '
-        + ', '.join(sorted(os.listdir(workdir))))
+        f'{_listing(workdir)}')
   print(f'next: python -m t5x_lite.main eval --config={workdir}/config.py --workdir={workdir}')
 
 
