@@ -107,7 +107,7 @@ class Checkpointer:
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(_fingerprint(step, state)))
-    return self._guarded(f'saving step {step}', self._manager.save, step, args=args,
+    return self._guarded(f'saving checkpoints (at step {step})', self._manager.save, step, args=args,
                          force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:

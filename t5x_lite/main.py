@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -147,46 +148,77 @@ def train(config: ml_collections.ConfigDict) -> None:
     print(f'loss curve: {plots.plot_loss_curve(workdir)}')
 
 
-class _OrbaxErrors(logging.Filter):
-  """Holds back Orbax's error records (it logs a failed save's traceback from its save
-  threads, once per array) so the terminal keeps one line; they go to error.log."""
+# How Python writes the last line of that traceback: in pieces, or whole.
+_EVENT_LOOP_PIECES = ('RuntimeError', ': ', 'Event loop is closed', '\n',
+                      'RuntimeError: Event loop is closed\n')
 
-  def __init__(self):
+
+class _SaveErrors(logging.Filter):
+  """Holds back what a failed asynchronous save prints, so the terminal keeps one line:
+  Orbax's save threads and asyncio log a traceback per array (absl records), and tensorstore's
+  callbacks print "Event loop is closed" tracebacks on sys.stderr. All go to error.log."""
+
+  def __init__(self, stderr: Any):
     super().__init__()
-    self.records = []
+    self.lines = []
+    self._stderr, self._traceback = stderr, []
+    self._formatter = logging.Formatter('%(asctime)s %(pathname)s:%(lineno)d %(message)s')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
-      self.records.append(record)
+    if record.levelno >= logging.ERROR and (
+        record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname):
+      self.lines.append(self._formatter.format(record) + '\n')
       return False
     return True
+
+  def write(self, text: str) -> int:
+    """sys.stderr's write: a traceback is collected until its last line decides where it
+    goes; everything else (tqdm's bar, warnings) passes straight through."""
+    if not self._traceback and not text.startswith('Traceback (most recent call last)'):
+      if text.startswith(('  File "', '    ')) or text in _EVENT_LOOP_PIECES:
+        self.lines.append(text)  # a piece of a traceback that another thread interleaved
+        return len(text)
+      return self._stderr.write(text)
+    self._traceback.append(text)
+    whole = ''.join(self._traceback)
+    last = whole.rstrip('\n').rsplit('\n', 1)[-1]
+    if whole.endswith('\n') and last[:1] not in ('', ' ') and not last.startswith('Traceback'):
+      self._traceback = []
+      if last == 'RuntimeError: Event loop is closed':
+        self.lines.append(whole)
+      else:
+        self._stderr.write(whole)
+    return len(text)
+
+  def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, ... of the real stderr
+    return getattr(self._stderr, name)
 
 
 @contextlib.contextmanager
 def _errors_logged(workdir: str) -> Iterator[None]:
   """A failure while training (a save error, a full disk, a NaN) becomes one line on the
-  terminal; its full traceback (and Orbax's error records) is appended to <workdir>/error.log."""
-  held_back = _OrbaxErrors()
+  terminal; its full traceback, and what `_SaveErrors` held back, go to <workdir>/error.log."""
+  held_back = _SaveErrors(sys.stderr)
   handler = absl_logging.get_absl_handler()
   handler.addFilter(held_back)
+  sys.stderr = held_back
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except  # every failure gets one line
     log = epath.Path(workdir) / 'error.log'
-    formatter = logging.Formatter('%(asctime)s %(pathname)s:%(lineno)d %(message)s')
     try:
       with log.open('a') as f:
-        f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")}\n'
-                + ''.join(formatter.format(r) + '\n' for r in held_back.records)
+        f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")}\n' + ''.join(held_back.lines)
                 + traceback.format_exc())
       where = f' (traceback in {log})'
     except OSError:  # the disk that failed the save may fail this too
       where = ''
     expected = isinstance(e, (ValueError, KeyError, FileNotFoundError, *_ONE_LINE_ERRORS))
     reason = (str(e) if expected else f'{type(e).__name__}: {e}').strip().splitlines()
+    # sys.stderr stays filtered: the failed save's tasks print again at interpreter exit.
     _fail((reason[0] if reason else type(e).__name__) + where)
-  finally:
-    handler.removeFilter(held_back)
+  sys.stderr = held_back._stderr  # pylint: disable=protected-access
+  handler.removeFilter(held_back)
 
 
 def _checkpoint_workdir(command: str, config: ml_collections.ConfigDict) -> str:

@@ -212,7 +212,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_older_checkpoints(
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   lines = [line for line in err.splitlines() if line.strip()]
-  assert len(lines) == 1 and lines[0].startswith('error: saving step 4'), err
+  assert len(lines) == 1 and lines[0].startswith('error: saving checkpoints (at step 4)'), err
   assert 'No space left on device' in lines[0] and 'error.log' in lines[0]
   assert 'Traceback' in (workdir / 'error.log').read_text()
   names = os.listdir(workdir / 'checkpoints')
