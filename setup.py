@@ -18,6 +18,7 @@ setuptools.setup(
         'flax>=0.10.2',
         'optax>=0.2.4',
         'orbax-checkpoint>=0.10',
+        'etils[epath]',  # workdir I/O (local or gs://)
         'ml-collections>=0.1.1',
         'absl-py>=2.1',
         'tensorflow-datasets>=4.9.7',  # array_record builders + tfds.data_source; no TensorFlow

@@ -65,7 +65,7 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
   config.train.num_microbatches = 1  # gradient accumulation: batch split into this many
   config.train.log_every = 10  # steps between metric records
   config.train.checkpoint_every = 200  # steps between (asynchronous) checkpoints
-  config.train.keep_checkpoints = 3  # newest checkpoints kept
+  config.train.keep_checkpoints = 3  # newest checkpoints kept (0 keeps all)
   config.train.async_checkpointing = True  # write checkpoints in the background
   config.train.init_from = ''  # another run's checkpoints dir: start from its params
   config.train.z_loss = 1e-4  # weight of log(Z)^2 in the loss

@@ -71,7 +71,7 @@ def evaluator_from_config(config: ml_collections.ConfigDict,
       partitioner=partitioner, seed=config.eval.seed)
 
 
-def _checkpoint_param_shapes(path: str) -> dict[str, tuple[int, ...]]:
+def checkpoint_param_shapes(path: str) -> dict[str, tuple[int, ...]]:
   """Param name -> shape in a saved state, read from its metadata (no arrays loaded)."""
   metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))['params']
   return {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(metadata)}
@@ -81,9 +81,9 @@ def _name(key_path: Any) -> str:
   return jax.tree_util.keystr(key_path, simple=True, separator='/')
 
 
-def _check_params_match(path: str, abstract_params: Any, workdir: str) -> None:
+def check_params_match(path: str, abstract_params: Any, workdir: str) -> None:
   """A clear error when the config's model does not match the checkpoint's params."""
-  saved = _checkpoint_param_shapes(path)
+  saved = checkpoint_param_shapes(path)
   for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
     name = _name(key_path)
     if name not in saved:
@@ -111,7 +111,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str,
   boxed = models.boxed_param_shapes(config_lib.model_config(config))
   abstract = checkpoints.abstract_with_shardings(nn.unbox(boxed),
                                                  partitioner.boxed_shardings(boxed))
-  _check_params_match(os.path.join(os.path.abspath(directory), str(step), 'state'),
+  check_params_match(os.path.join(os.path.abspath(directory), str(step), 'state'),
                       abstract, workdir)
   return checkpoints.restore_params(directory, abstract, step), step
 

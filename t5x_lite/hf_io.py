@@ -47,7 +47,12 @@ class SafetensorsSource(hf.TensorSource):
     self._files = contextlib.ExitStack()
     self._handle_of = {}
     for file in files:
-      handle = self._files.enter_context(safe_open(os.path.join(path, file), framework='numpy'))
+      try:
+        handle = self._files.enter_context(safe_open(os.path.join(path, file),
+                                                     framework='numpy'))
+      except Exception as e:  # SafetensorError (a truncated or corrupt file), OSError
+        raise ValueError(f'cannot read {os.path.join(path, file)} ({e}); re-save or '
+                         're-download it') from None
       self._handle_of.update({name: handle for name in handle.keys()})
 
   def names(self) -> set[str]:
@@ -76,7 +81,10 @@ def _read_hf_config(path: str) -> dict[str, Any]:
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'No config.json in {path}: not a Hugging Face model directory.')
   with open(config_path, encoding='utf-8') as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{config_path} is not valid JSON ({e}); fix or re-save it') from None
 
 
 def load_hf_checkpoint(path: str, partitioner: partitioning.Partitioner | None = None,

@@ -14,20 +14,27 @@ file, locally or on a launcher: `sweep --sweep=FILE --workdir=DIR [--parallel=N]
 --config on a Cloud TPU VM or SLURM cluster) and status, logs, stop, delete of a launched run.
 """
 
+import ast
+import contextlib
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import eval_commands, hf_io, launch, models, plots, sweeps, trainer
+from t5x_lite import checkpoints, eval_commands, hf_io, launch, models, plots, sweeps
+from t5x_lite import trainer, validation
 from t5x_lite.data import report as data_report
 from t5x_lite.data import tasks
 
@@ -80,17 +87,54 @@ def _fail(message: str) -> None:
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl flag parsing whose errors become one line and exit code 2."""
+  config_file = None
   for arg in argv[1:]:
-    if arg.startswith('--config=') and not os.path.isfile(arg.split('=', 1)[1]):
-      _fail(f'config file {arg.split("=", 1)[1]!r} not found; pass e.g. '
-            '--config=configs/t5_1_1_small.py')
+    if arg.startswith('--config='):
+      config_file = arg.split('=', 1)[1]
+      _check_config_file(config_file)
   try:
     return flags.FLAGS(list(argv))
-  except (KeyError, AttributeError) as e:
-    field = str(e).strip('\'"')
-    _fail(f'unknown config field {field!r} in a --config.* override; `info` lists the fields.')
+  except (AttributeError, KeyError) as e:
+    if config_file and "attribute 'get_config'" in str(e):
+      _fail(f'config file {config_file} has no get_config(); define one that returns the run '
+            'config, as configs/t5_1_1_small.py does')
+    lines = _unquoted(str(e)).splitlines()
+    hint = f' ({lines[1].strip().rstrip("?")}?)' if len(lines) > 1 else ''
+    _fail(f'unknown config field {_unquoted(lines[0])!r} in a --config.* override{hint}; '
+          '`info` lists the fields.')
   except (flags.Error, TypeError, ValueError) as e:
-    _fail(f'bad flag: {e}')
+    _fail(f'bad flag: {_first_line(e)}')
+  except Exception as e:  # pylint: disable=broad-except  # the config file's own code failed
+    _fail(f'config file {config_file} failed in get_config() ({type(e).__name__}: '
+          f'{_first_line(e)}); fix the file')
+
+
+def _unquoted(text: str) -> str:
+  """ml_collections' KeyError messages arrive quoted, sometimes twice: the plain text."""
+  while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      text = text[1:-1]
+  return text
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_config_file(path: str) -> None:
+  """The --config file exists and compiles; errors name the file (and line)."""
+  if not os.path.isfile(path):
+    _fail(f'config file {path!r} not found; pass e.g. --config=configs/t5_1_1_small.py')
+  try:
+    with open(path, encoding='utf-8') as f:
+      compile(f.read(), path, 'exec')
+  except SyntaxError as e:
+    _fail(f'{path}:{e.lineno}: {e.msg} in the config file; fix that line')
+  except (UnicodeDecodeError, ValueError) as e:
+    _fail(f'config file {path} is not Python source ({_first_line(e)}); pass a configs/*.py '
+          'file')
 
 
 def param_table(params) -> list[tuple[str, int]]:
@@ -115,28 +159,108 @@ def info(config: ml_collections.ConfigDict) -> None:
 
 
 def train(config: ml_collections.ConfigDict) -> None:
-  """Trains into --workdir, saving the resolved config there first."""
+  """Trains into --workdir, resuming it; checks everything before the workdir is touched."""
   workdir = _WORKDIR.value
   if not workdir:
     _fail('--workdir is required for train, e.g. --workdir=runs/my_run')
-  # A bad mesh, batch size or task fails here, before the workdir is touched.
   trainer.setup_distributed(config)
-  trainer.setup_partitioner(config)
+  plan = validation.check_train(config, workdir)
   truncation = data_report.truncation_summary(config.data)
+  lead = jax.process_index() == 0
+  if plan.finished:
+    if lead:
+      print(f'the run in {workdir} is finished: its newest checkpoint is step '
+            f'{plan.latest_step} of train.num_steps={config.train.num_steps}; raise '
+            '--config.train.num_steps to train further')
+    return
   try:
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-      config_path = os.path.join(workdir, 'config.json')
-      with open(config_path + '.tmp', 'w', encoding='utf-8') as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-      os.replace(config_path + '.tmp', config_path)
-      print(truncation)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   except OSError as e:
     _fail(f'cannot write to workdir {workdir!r} ({e.strerror}); choose a writable directory.')
-  metrics = trainer.train(config, workdir)
-  if jax.process_index() == 0:
+  with checkpoints.WorkdirLock(workdir, enabled=lead), _errors_logged(workdir):
+    if lead:
+      validation.save_run_config(config, workdir, plan.changes)
+      if plan.changes:
+        print('config changes since the stored run (appended to config_history.jsonl): '
+              + validation.describe(plan.changes))
+      print(truncation)
+    metrics = trainer.train(config, workdir)
+  if lead:
     print('final: ' + ', '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items())))
     print(f'loss curve: {plots.plot_loss_curve(workdir)}')
+
+
+# How Python writes the last line of that traceback: in pieces, or whole.
+_EVENT_LOOP_PIECES = ('RuntimeError', ': ', 'Event loop is closed', '\n',
+                      'RuntimeError: Event loop is closed\n')
+
+
+class _SaveErrors(logging.Filter):
+  """Holds back what a failed asynchronous save prints, so the terminal keeps one line:
+  Orbax's save threads and asyncio log a traceback per array (absl records), and tensorstore's
+  callbacks print "Event loop is closed" tracebacks on sys.stderr. All go to error.log."""
+
+  def __init__(self, stderr: Any):
+    super().__init__()
+    self.lines = []
+    self._stderr, self._traceback = stderr, []
+    self._formatter = logging.Formatter('%(asctime)s %(pathname)s:%(lineno)d %(message)s')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and (
+        record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname):
+      self.lines.append(self._formatter.format(record) + '\n')
+      return False
+    return True
+
+  def write(self, text: str) -> int:
+    """sys.stderr's write: a traceback is collected until its last line decides where it
+    goes; everything else (tqdm's bar, warnings) passes straight through."""
+    if not self._traceback and not text.startswith('Traceback (most recent call last)'):
+      if text.startswith(('  File "', '    ')) or text in _EVENT_LOOP_PIECES:
+        self.lines.append(text)  # a piece of a traceback that another thread interleaved
+        return len(text)
+      return self._stderr.write(text)
+    self._traceback.append(text)
+    whole = ''.join(self._traceback)
+    last = whole.rstrip('\n').rsplit('\n', 1)[-1]
+    if whole.endswith('\n') and last[:1] not in ('', ' ') and not last.startswith('Traceback'):
+      self._traceback = []
+      if last == 'RuntimeError: Event loop is closed':
+        self.lines.append(whole)
+      else:
+        self._stderr.write(whole)
+    return len(text)
+
+  def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, ... of the real stderr
+    return getattr(self._stderr, name)
+
+
+@contextlib.contextmanager
+def _errors_logged(workdir: str) -> Iterator[None]:
+  """A failure while training (a save error, a full disk, a NaN) becomes one line on the
+  terminal; its full traceback, and what `_SaveErrors` held back, go to <workdir>/error.log."""
+  held_back = _SaveErrors(sys.stderr)
+  handler = absl_logging.get_absl_handler()
+  handler.addFilter(held_back)
+  sys.stderr = held_back
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  # every failure gets one line
+    log = epath.Path(workdir) / 'error.log'
+    try:
+      with log.open('a') as f:
+        f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")}\n' + ''.join(held_back.lines)
+                + traceback.format_exc())
+      where = f' (traceback in {log})'
+    except OSError:  # the disk that failed the save may fail this too
+      where = ''
+    expected = isinstance(e, (ValueError, KeyError, FileNotFoundError, *_ONE_LINE_ERRORS))
+    reason = (str(e) if expected else f'{type(e).__name__}: {e}').strip().splitlines()
+    # sys.stderr stays filtered: the failed save's tasks print again at interpreter exit.
+    _fail((reason[0] if reason else type(e).__name__) + where)
+  sys.stderr = held_back._stderr  # pylint: disable=protected-access
+  handler.removeFilter(held_back)
 
 
 def _checkpoint_workdir(command: str, config: ml_collections.ConfigDict) -> str:
@@ -184,12 +308,16 @@ def _hf_dir(command: str) -> str:
   return _HF_DIR.value
 
 
+def _listing(directory: str) -> str:
+  return ', '.join(sorted(path.name for path in epath.Path(directory).iterdir()))
+
+
 def export(config: ml_collections.ConfigDict) -> None:
   """Writes --workdir's newest params as a Hugging Face directory (--hf_dir)."""
   hf_dir = _hf_dir('export')
   step = hf_io.export(config, _checkpoint_workdir('export', config), hf_dir,
                       tokenizer=not _NO_TOKENIZER.value)
-  print(f'wrote the step {step} params to {hf_dir}: ' + ', '.join(sorted(os.listdir(hf_dir))))
+  print(f'wrote the step {step} params to {hf_dir}: {_listing(hf_dir)}')
 
 
 def convert(config: ml_collections.ConfigDict | None) -> None:
@@ -206,7 +334,7 @@ def convert(config: ml_collections.ConfigDict | None) -> None:
   model = hf_io.convert(hf_dir, workdir, mesh_shape)
   print(f'converted {hf_dir} ({model.architecture}, '
         f'{models.count_params(models.param_shapes(model)):,} params) to {workdir}: '
-        + ', '.join(sorted(os.listdir(workdir))))
+        f'{_listing(workdir)}')
   print(f'next: python -m t5x_lite.main eval --config={workdir}/config.py --workdir={workdir}')
 
 
@@ -290,6 +418,10 @@ def _manage(action: str) -> Callable[[ml_collections.ConfigDict | None], None]:
   return command
 
 
+# Errors whose message is already the one line the user should see.
+_ONE_LINE_ERRORS = (trainer.NonFiniteLossError, checkpoints.CheckpointError,
+                    subprocess.CalledProcessError)
+
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate,
     'export': export, 'convert': convert, 'data': data, 'vocab': vocab, 'sweep': sweep,
@@ -316,8 +448,7 @@ def main(argv: Sequence[str]) -> None:
     _fail('--config is required, e.g. --config=configs/t5_1_1_small.py')
   try:
     _COMMANDS[command](_CONFIG.value)
-  except (ValueError, KeyError, FileNotFoundError, trainer.NonFiniteLossError,
-          subprocess.CalledProcessError) as e:
+  except (ValueError, KeyError, FileNotFoundError, *_ONE_LINE_ERRORS) as e:
     _fail(str(e))
 
 

@@ -7,7 +7,6 @@ optimizer, the state (fresh, resumed or initialised from another run), the data,
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 import time
 from collections.abc import Iterator, Mapping
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from t5x_lite import checkpoints, eval_commands, evaluation, logging_utils, losses, models
 from t5x_lite import optimizers, partitioning
@@ -122,6 +122,7 @@ def setup_distributed(config: ml_collections.ConfigDict) -> None:
     jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
     jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
   elif dist.auto:  # Cloud TPU VMs and SLURM: jax detects the cluster itself.
+    jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
     jax.distributed.initialize()
 
 
@@ -186,7 +187,7 @@ class _Preemption(contextlib.AbstractContextManager):
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
+def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
           make_batches: Any = None) -> dict[str, float]:
   """Trains per `config`, resuming from `workdir` if it holds checkpoints.
 
@@ -203,20 +204,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   partitioner = setup_partitioner(config)
   model_config = config_lib.model_config(config)
   model = models.build_model(model_config)
-  tx = optimizers.make_optimizer(_with_total_steps(config.optimizer, config.train.num_steps))
+  tx = optimizers.make_optimizer(optimizer_settings(config.optimizer, config.train.num_steps))
   shapes, shardings = abstract_state(model_config, tx, partitioner)
   checkpointer = checkpoints.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), save_every=config.train.checkpoint_every,
+      epath.Path(workdir) / 'checkpoints', save_every=config.train.checkpoint_every,
       keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
   batches = (make_batches or pipeline_batches)(
       config, jax.process_index(), jax.process_count())
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, data_state = checkpointer.restore(
-        start, checkpoints.abstract_with_shardings(shapes, shardings))
+  # The newest checkpoint that restores (older ones stand in for a corrupt newest).
+  restored = checkpointer.restore_newest(checkpoints.abstract_with_shardings(shapes, shardings))
+  if restored is not None:
+    _, state, data_state = restored
     batches.set_state(data_state)
   else:
     pretrained = None
@@ -240,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       enabled=jax.process_index() == 0)
   flops_per_token = _flops_per_token(config, model_config)
   schedule = optimizers.make_schedule_from_config(
-      _with_total_steps(config.optimizer, config.train.num_steps))
+      optimizer_settings(config.optimizer, config.train.num_steps))
   evaluator = setup_evaluator(config, model, partitioner)
   metrics, last = {}, {}
   tick, tokens = time.time(), 0
@@ -299,7 +300,8 @@ def _finishing(checkpointer: checkpoints.Checkpointer,
     logger.close()
 
 
-def _with_total_steps(optimizer: ml_collections.ConfigDict, num_steps: int) -> dict[str, Any]:
+def optimizer_settings(optimizer: ml_collections.ConfigDict, num_steps: int
+                       ) -> dict[str, Any]:
   """The optimizer config, with decay schedules ending at the run's last step by default."""
   values = optimizer.to_dict()
   values['total_steps'] = values['total_steps'] or num_steps

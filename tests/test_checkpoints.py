@@ -45,7 +45,7 @@ def setup(config, mesh_shape):
   partitioner = trainer.setup_partitioner(config)
   model_config = config_lib.model_config(config)
   model = models.build_model(model_config)
-  tx = optimizers.make_optimizer(trainer._with_total_steps(config.optimizer,
+  tx = optimizers.make_optimizer(trainer.optimizer_settings(config.optimizer,
                                                            config.train.num_steps))
   shapes, shardings = trainer.abstract_state(model_config, tx, partitioner)
   return types.SimpleNamespace(model=model, model_config=model_config, tx=tx, shapes=shapes,
@@ -235,3 +235,17 @@ def test_unfinished_checkpoint_is_not_latest(saved, tmp_path):
       SAVED_STEP, checkpoints.abstract_with_shardings(saved.run.shapes, saved.run.shardings))
   checkpointer.close()
   assert_trees_equal(state.params, saved.state.params)
+
+
+def test_keep_0_keeps_every_checkpoint_and_existing_ones_survive(saved, tmp_path):
+  """keep=0 means keep all (never "delete all"); opening a run's directory deletes nothing."""
+  directory = tmp_path / 'checkpoints'
+  shutil.copytree(saved.directory, directory)
+  checkpointer = checkpoints.Checkpointer(directory, save_every=1, keep=0)
+  state = jax.device_put(saved.state, saved.run.shardings)
+  for step in range(8, 12):
+    step_array = jax.device_put(np.int32(step), saved.run.shardings.step)
+    assert checkpointer.save(step, state.replace(step=step_array), {'step': step})
+  checkpointer.wait()
+  checkpointer.close()
+  assert step_dirs(directory) == [SAVED_STEP, 8, 9, 10, 11]

@@ -223,7 +223,7 @@ def test_identical_runs_are_bitwise_equal_and_nan_stops(mesh_runs, tmp_path):
     assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['2']
     model_config = config_lib.model_config(config)
     tx = optimizers.make_optimizer(
-        trainer._with_total_steps(config.optimizer, config.train.num_steps))
+        trainer.optimizer_settings(config.optimizer, config.train.num_steps))
     partitioner = trainer.setup_partitioner(config)
     shapes, shardings = trainer.abstract_state(model_config, tx, partitioner)
     state, _ = checkpointer.restore(2, checkpoints.abstract_with_shardings(shapes, shardings))
