@@ -103,16 +103,15 @@ def load_params(config: ml_collections.ConfigDict, workdir: str,
     FileNotFoundError: `workdir` holds no checkpoint.
     ValueError: the config's model differs from the checkpoint's (names a param).
   """
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = checkpoints.as_path(epath.Path(workdir) / 'checkpoints')
   step = checkpoints.latest_step(directory)
   if step is None:
-    raise FileNotFoundError(f'no checkpoint in {directory!r}; pass the --workdir of a '
-                            'train run')
+    raise FileNotFoundError(f'no checkpoint in {os.fspath(directory)!r}; pass the --workdir of '
+                            'a train run')
   boxed = models.boxed_param_shapes(config_lib.model_config(config))
   abstract = checkpoints.abstract_with_shardings(nn.unbox(boxed),
                                                  partitioner.boxed_shardings(boxed))
-  check_params_match(os.path.join(os.path.abspath(directory), str(step), 'state'),
-                      abstract, workdir)
+  check_params_match(os.fspath(directory / str(step) / 'state'), abstract, workdir)
   return checkpoints.restore_params(directory, abstract, step), step
 
 
@@ -126,14 +125,14 @@ def _setup(config: ml_collections.ConfigDict, workdir: str
 def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
   if jax.process_index() != 0:
     return
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + '\n')
-  os.replace(path + '.tmp', path)
+  temporary = epath.Path(path + '.tmp')
+  temporary.write_text(''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows),
+                       encoding='utf-8')
+  temporary.replace(path)
 
 
 def _output_path(workdir: str, kind: str, evaluator: evaluation.Evaluator) -> str:
-  return os.path.join(workdir, f'{kind}_{evaluator.task.name}_{evaluator.split}.jsonl')
+  return os.fspath(epath.Path(workdir) / f'{kind}_{evaluator.task.name}_{evaluator.split}.jsonl')
 
 
 def run_infer(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, int]:
