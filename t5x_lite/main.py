@@ -24,7 +24,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import eval_commands, hf_io, launch, models, plots, sweeps, trainer
+from t5x_lite import eval_commands, hardware, hf_io, launch, models, planner, plots, sweeps
+from t5x_lite import trainer
 from t5x_lite.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,6 +61,14 @@ _GPUS = flags.DEFINE_integer('gpus_per_node', 8, 'slurm: GPUs (= tasks) per node
 _PARTITION = flags.DEFINE_string('partition', '', 'slurm: the partition.')
 _TIME_LIMIT = flags.DEFINE_string('time_limit', '', 'slurm: e.g. 24:00:00.')
 _ACCOUNT = flags.DEFINE_string('account', '', 'slurm: the account charged.')
+_PLAN = flags.DEFINE_bool('plan', False, 'info: bytes per device, FLOPs and step time of a '
+                          'train step (see t5x_lite/planner.py).')
+_PLAN_ACCELERATOR = flags.DEFINE_string(
+    'plan.accelerator', '', 'info --plan: e.g. v5e-16, v4-8, h100x8 (default: this machine).')
+_PLAN_MFU = flags.DEFINE_float('plan.mfu', 0.0, 'info --plan: the MFU assumed (0: 40%%, or '
+                               '50%% on this CPU).')
+# info --plan compiles the train step on this many fake CPU devices at most (else formulas).
+_MAX_FAKE_DEVICES = 64
 
 
 def _fail(message: str) -> None:
@@ -100,8 +109,24 @@ def info(config: ml_collections.ConfigDict) -> None:
   for name, count in param_table(shapes):
     print(f'  {name:<24} {count:>16,}')
   print(f'  {"total":<24} {total:>16,}')
+  if _PLAN.value:
+    _fake_cpu_devices(_PLAN_ACCELERATOR.value)
   print(f'float32 size: {total * 4 / 2**30:.2f} GiB; devices: {jax.device_count()} '
         f'x {jax.devices()[0].platform}')
+  if _PLAN.value:
+    print('\n'.join(planner.report(config, planner.plan(
+        config, _PLAN_ACCELERATOR.value, _PLAN_MFU.value))))
+
+
+def _fake_cpu_devices(accelerator: str) -> None:
+  """Before jax starts on a CPU-only host: as many CPU devices as the named accelerator has
+  chips, so the planner can compile the train step for its mesh."""
+  if not accelerator or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return
+  _, chips = hardware.parse_accelerator(accelerator)
+  if chips <= _MAX_FAKE_DEVICES and jax.config.jax_platforms in (None, '', 'cpu'):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={chips}').strip()
 
 
 def train(config: ml_collections.ConfigDict) -> None:
