@@ -164,7 +164,8 @@ def formula_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> M
   return Memory(params, optimizer, params, activations, 'formulas')
 
 
-def _abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of one global training batch (unpacked features)."""
   encoder_len, decoder_len = sequence_lengths(config)
   batch = config.train.batch_size
 
@@ -179,6 +180,23 @@ def _abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDty
   return features
 
 
+def jitted_train_step(config: ml_collections.ConfigDict,
+                      partitioner: partitioning.Partitioner) -> tuple[Any, Any, Any]:
+  """(the jitted `trainer.train_step` as `trainer.train` builds it, the state's shapes, its
+  shardings), for compiling without training (here and in the benchmarks)."""
+  model_config, tx, (shapes, shardings) = _state(config, partitioner)
+  options = trainer.StepOptions(
+      num_microbatches=config.train.num_microbatches, z_loss=config.train.z_loss,
+      label_smoothing=config.train.label_smoothing,
+      loss_normalizing_factor=config.train.loss_normalizing_factor)
+  step = jax.jit(
+      functools.partial(trainer.train_step, model=models.build_model(model_config), tx=tx,
+                        options=options),
+      in_shardings=(shardings, partitioner.batch_sharding(), partitioner.replicated()),
+      out_shardings=(shardings, partitioner.replicated()), donate_argnums=(0,))
+  return step, shapes, shardings
+
+
 def compiled_memory(config: ml_collections.ConfigDict) -> Memory:
   """Bytes per device from XLA: the train step compiled (not run) on this process's devices.
 
@@ -186,18 +204,9 @@ def compiled_memory(config: ml_collections.ConfigDict) -> Memory:
   gradients (counted as the params' float32 shards) and the activations (the rest).
   """
   partitioner = trainer.setup_partitioner(config)
-  _, tx, (shapes, shardings) = _state(config, partitioner)
-  options = trainer.StepOptions(
-      num_microbatches=config.train.num_microbatches, z_loss=config.train.z_loss,
-      label_smoothing=config.train.label_smoothing,
-      loss_normalizing_factor=config.train.loss_normalizing_factor)
-  step = jax.jit(
-      functools.partial(trainer.train_step, model=models.build_model(
-          config_lib.model_config(config)), tx=tx, options=options),
-      in_shardings=(shardings, partitioner.batch_sharding(), partitioner.replicated()),
-      out_shardings=(shardings, partitioner.replicated()), donate_argnums=(0,))
+  step, shapes, shardings = jitted_train_step(config, partitioner)
   with partitioner.activate():
-    compiled = step.lower(shapes, _abstract_batch(config), jax.random.key(0)).compile()
+    compiled = step.lower(shapes, abstract_batch(config), jax.random.key(0)).compile()
   analysis = compiled.memory_analysis()
   params = _shard_bytes(shapes.params, shardings.params)
   optimizer = _shard_bytes(shapes.opt_state, shardings.opt_state)
