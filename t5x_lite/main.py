@@ -9,6 +9,8 @@ no --config) and export (a run's newest params -> a Hugging Face directory: `exp
 file, locally or on a launcher: `sweep --sweep=FILE --workdir=DIR [--parallel=N]
 [--launcher=local|tpu_vm|slurm] [--dry_run] [--report_only]`); launch (train + eval of
 --config on a Cloud TPU VM or SLURM cluster) and status, logs, stop, delete of a launched run.
+`info --plan [--plan.accelerator=v5e-16]` adds bytes per device, FLOPs and step time
+(planner.py).
 """
 
 import logging
@@ -65,8 +67,8 @@ _PLAN = flags.DEFINE_bool('plan', False, 'info: bytes per device, FLOPs and step
                           'train step (see t5x_lite/planner.py).')
 _PLAN_ACCELERATOR = flags.DEFINE_string(
     'plan.accelerator', '', 'info --plan: e.g. v5e-16, v4-8, h100x8 (default: this machine).')
-_PLAN_MFU = flags.DEFINE_float('plan.mfu', 0.0, 'info --plan: the MFU assumed (0: 40%%, or '
-                               '50%% on this CPU).')
+_PLAN_MFU = flags.DEFINE_float('plan.mfu', 0.0, 'info --plan: the MFU assumed (0: 40%, or '
+                               '50% on this CPU).')
 # info --plan compiles the train step on this many fake CPU devices at most (else formulas).
 _MAX_FAKE_DEVICES = 64
 
@@ -109,10 +111,15 @@ def info(config: ml_collections.ConfigDict) -> None:
   for name, count in param_table(shapes):
     print(f'  {name:<24} {count:>16,}')
   print(f'  {"total":<24} {total:>16,}')
-  if _PLAN.value:
-    _fake_cpu_devices(_PLAN_ACCELERATOR.value)
   print(f'float32 size: {total * 4 / 2**30:.2f} GiB; devices: {jax.device_count()} '
         f'x {jax.devices()[0].platform}')
+
+
+def info_and_plan(config: ml_collections.ConfigDict) -> None:
+  """`info`, then with --plan the planner's bytes per device and step time."""
+  if _PLAN.value:
+    _fake_cpu_devices(_PLAN_ACCELERATOR.value)  # before `info` starts jax's backend
+  info(config)
   if _PLAN.value:
     print('\n'.join(planner.report(config, planner.plan(
         config, _PLAN_ACCELERATOR.value, _PLAN_MFU.value))))
@@ -289,7 +296,7 @@ def _manage(action: str) -> Callable[[ml_collections.ConfigDict | None], None]:
 
 
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate,
+    'info': info_and_plan, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate,
     'export': export, 'convert': convert, 'sweep': sweep, 'launch': launch_run,
     **{action: _manage(action) for action in ('status', 'logs', 'stop', 'delete')}}
 # Commands that take no --config: they write one, read a sweep file, or manage a launch.

@@ -10,11 +10,12 @@ train step) when this process has the mesh's devices, else from formulas:
 - optimizer state: `tx.init`'s leaves, sharded like the params they mirror (exact);
 - gradients: float32, sharded like the params;
 - activations (no remat), per token of a microbatch and per layer, what the backward pass
-  keeps: the two norms' inputs and outputs and the residual sums (6 d), queries/keys/values and
-  the attention output ((2 H + 2 H_kv) D_h), four float32 [H, S_k] rows per attention
-  (scores, masked scores, probabilities, the backward's workspace), the MLP's pre-activations, activations and product (2 n_act d_ff), plus three
-  float32 copies of the logits (logits, softmax, their gradient). Remat keeps only each
-  layer's input (d); the logits stay.
+  keeps: per attention (self, and cross in the decoder) its norm's input and output (2 d),
+  queries, keys, values and output ((2 H + 2 H_kv) D_h) and four float32 [H, S_k] rows
+  (scores, masked scores, probabilities, the backward's workspace); per layer the MLP's
+  norm input and output and the residual sums (6 d) and its pre-activations, activations and
+  product (2 n_act d_ff); once per token, three float32 copies of the logits (logits,
+  softmax, their gradient). Remat keeps only each layer's input (d); the logits stay.
 """
 
 import dataclasses
@@ -23,7 +24,6 @@ import math
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -158,8 +158,13 @@ def formula_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> M
   params = _shard_bytes(shapes.params, shardings.params)
   optimizer = _shard_bytes(shapes.opt_state, shardings.opt_state)
   encoder_len, decoder_len = sequence_lengths(config)
-  tokens = (config.train.batch_size // max(config.train.num_microbatches, 1)
-            // (mesh['data'] * mesh['fsdp']) * decoder_len)
+  batch, micro, ways = config.train.batch_size, config.train.num_microbatches, (
+      mesh['data'] * mesh['fsdp'])
+  if batch % micro or (batch // micro) % ways:
+    raise ValueError(f'train.batch_size={batch} with num_microbatches={micro} must split into '
+                     f'microbatches divisible by the data-parallel size {ways} (mesh {mesh}); '
+                     f'set --config.train.batch_size to a multiple of {ways * micro}')
+  tokens = batch // micro // ways * decoder_len
   activations = tokens * _activation_bytes_per_token(model_config, encoder_len, decoder_len)
   return Memory(params, optimizer, params, activations, 'formulas')
 
@@ -201,7 +206,9 @@ def compiled_memory(config: ml_collections.ConfigDict) -> Memory:
   """Bytes per device from XLA: the train step compiled (not run) on this process's devices.
 
   Parameters and optimizer state are the step's argument shards; XLA's temporaries hold the
-  gradients (counted as the params' float32 shards) and the activations (the rest).
+  gradients (counted as the params' float32 shards) and the activations (the rest). On fake
+  CPU devices the CPU compiler's schedule decides: with fsdp its temporaries can hold every
+  layer's gathered weights at once, which a TPU or GPU schedule would not.
   """
   partitioner = trainer.setup_partitioner(config)
   step, shapes, shardings = jitted_train_step(config, partitioner)
@@ -228,8 +235,8 @@ def plan(config: ml_collections.ConfigDict, accelerator: str = '', mfu: float = 
   """
   if accelerator:
     chip, chips = hardware.parse_accelerator(accelerator)
-    name, peak, device_bytes = f'{accelerator} ({chips} x {chip.name})', chip.peak_flops, \
-        chip.hbm_bytes
+    name = f'{accelerator} ({chips} x {chip.name})'
+    peak, device_bytes = chip.peak_flops, chip.hbm_bytes
   else:
     chips, device = jax.device_count(), jax.devices()[0]
     peak = hardware.peak_flops_per_device(device)
@@ -238,7 +245,7 @@ def plan(config: ml_collections.ConfigDict, accelerator: str = '', mfu: float = 
     device_bytes = chip.hbm_bytes if chip else _host_memory_bytes() / jax.local_device_count()
   mesh = mesh_sizes(config.mesh_shape, chips)
   if not 0 <= mfu <= 1:
-    raise ValueError(f'--plan_mfu={mfu} must be in (0, 1], e.g. 0.4')
+    raise ValueError(f'--plan.mfu={mfu} must be in (0, 1] (0: the default), e.g. 0.4')
   if not mfu:
     mfu = CPU_MFU if not accelerator and jax.devices()[0].platform == 'cpu' else DEFAULT_MFU
   memory = (compiled_memory(config) if jax.device_count() == chips
