@@ -12,6 +12,8 @@ SentencePiece model trained on the task's text: `vocab --config=... --vocab.size
 file, locally or on a launcher: `sweep --sweep=FILE --workdir=DIR [--parallel=N]
 [--launcher=local|tpu_vm|slurm] [--dry_run] [--report_only]`); launch (train + eval of
 --config on a Cloud TPU VM or SLURM cluster) and status, logs, stop, delete of a launched run.
+`info --plan [--plan.accelerator=v5e-16]` adds bytes per device, FLOPs and step time
+(planner.py).
 """
 
 import ast
@@ -33,8 +35,8 @@ from etils import epath
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import checkpoints, eval_commands, hf_io, launch, models, plots, sweeps
-from t5x_lite import trainer, validation
+from t5x_lite import checkpoints, eval_commands, hardware, hf_io, launch, models, planner
+from t5x_lite import plots, sweeps, trainer, validation
 from t5x_lite.data import report as data_report
 from t5x_lite.data import tasks
 
@@ -77,6 +79,14 @@ _VOCAB = config_flags.DEFINE_config_dict(
         'out': '',  # the .model file to write
         'max_texts': 100_000,  # train on at most this many examples (evenly spaced)
     }), 'The vocab command: --vocab.size=8000 --vocab.out=my.model.', lock_config=True)
+_PLAN = flags.DEFINE_bool('plan', False, 'info: bytes per device, FLOPs and step time of a '
+                          'train step (see t5x_lite/planner.py).')
+_PLAN_ACCELERATOR = flags.DEFINE_string(
+    'plan.accelerator', '', 'info --plan: e.g. v5e-16, v4-8, h100x8 (default: this machine).')
+_PLAN_MFU = flags.DEFINE_float('plan.mfu', 0.0, 'info --plan: the MFU assumed (0: 40%, or '
+                               '50% on this CPU).')
+# info --plan compiles the train step on this many fake CPU devices at most (else formulas).
+_MAX_FAKE_DEVICES = 64
 
 
 def _fail(message: str) -> None:
@@ -156,6 +166,27 @@ def info(config: ml_collections.ConfigDict) -> None:
   print(f'  {"total":<24} {total:>16,}')
   print(f'float32 size: {total * 4 / 2**30:.2f} GiB; devices: {jax.device_count()} '
         f'x {jax.devices()[0].platform}')
+
+
+def info_and_plan(config: ml_collections.ConfigDict) -> None:
+  """`info`, then with --plan the planner's bytes per device and step time."""
+  if _PLAN.value:
+    _fake_cpu_devices(_PLAN_ACCELERATOR.value)  # before `info` starts jax's backend
+  info(config)
+  if _PLAN.value:
+    print('\n'.join(planner.report(config, planner.plan(
+        config, _PLAN_ACCELERATOR.value, _PLAN_MFU.value))))
+
+
+def _fake_cpu_devices(accelerator: str) -> None:
+  """Before jax starts on a CPU-only host: as many CPU devices as the named accelerator has
+  chips, so the planner can compile the train step for its mesh."""
+  if not accelerator or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return
+  _, chips = hardware.parse_accelerator(accelerator)
+  if chips <= _MAX_FAKE_DEVICES and jax.config.jax_platforms in (None, '', 'cpu'):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={chips}').strip()
 
 
 def train(config: ml_collections.ConfigDict) -> None:
@@ -423,9 +454,9 @@ _ONE_LINE_ERRORS = (trainer.NonFiniteLossError, checkpoints.CheckpointError,
                     subprocess.CalledProcessError)
 
 _COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    'info': info, 'train': train, 'infer': infer, 'score': score, 'eval': evaluate,
-    'export': export, 'convert': convert, 'data': data, 'vocab': vocab, 'sweep': sweep,
-    'launch': launch_run,
+    'info': info_and_plan, 'train': train, 'infer': infer, 'score': score,
+    'eval': evaluate, 'export': export, 'convert': convert, 'data': data, 'vocab': vocab,
+    'sweep': sweep, 'launch': launch_run,
     **{action: _manage(action) for action in ('status', 'logs', 'stop', 'delete')}}
 # Commands that take no --config: they write one, read a sweep file, or manage a launch.
 _CONFIGLESS = ('convert', 'sweep', 'status', 'logs', 'stop', 'delete')
