@@ -73,7 +73,9 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
   # None / 'NUM_REAL_TARGET_TOKENS' / 'NUM_TOTAL_TARGET_TOKENS' / 'AVERAGE_PER_SEQUENCE' / a float
   config.train.loss_normalizing_factor = 'NUM_REAL_TARGET_TOKENS'
   config.train.nan_policy = 'stop'  # on NaN/Inf loss: 'stop' (nothing saved) or 'skip' the update
-  config.train.peak_flops_per_device = 0.0  # for MFU; e.g. 197e12 for a TPU v4 chip in bf16
+  # MFU's denominator; 0 = the device's published bf16 peak (TPU v4/v5e/v5p/v6e, A100/H100/
+  # H200) or, on CPU, a measured float32 matmul peak (t5x_lite/hardware.py)
+  config.train.peak_flops_per_device = 0.0
 
   config.optimizer = optimizers.default_optimizer_config()
 

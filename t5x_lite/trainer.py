@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from etils import epath
 
-from t5x_lite import checkpoints, eval_commands, evaluation, logging_utils, losses, models
-from t5x_lite import optimizers, partitioning
+from t5x_lite import checkpoints, eval_commands, evaluation, hardware, logging_utils, losses
+from t5x_lite import models, optimizers, partitioning
 from t5x_lite import config as config_lib
 from t5x_lite.data import pipeline, tasks
 
@@ -240,6 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       workdir, total_steps=config.train.num_steps, initial_step=int(state.step),
       enabled=jax.process_index() == 0)
   flops_per_token = _flops_per_token(config, model_config)
+  # MFU's denominator: the config's, else the device's published (or this CPU's measured) peak.
+  peak_flops = config.train.peak_flops_per_device or hardware.peak_flops_per_device()
   schedule = optimizers.make_schedule_from_config(
       optimizer_settings(config.optimizer, config.train.num_steps))
   evaluator = setup_evaluator(config, model, partitioner)
@@ -263,8 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed, tick = time.time() - tick, time.time()
         last.update(lr=float(schedule(done - 1)), tokens_per_second=tokens / elapsed)
-        last['mfu'] = losses.mfu(last['tokens_per_second'], flops_per_token,
-                                 config.train.peak_flops_per_device, jax.device_count())
+        last['mfu'] = losses.mfu(last['tokens_per_second'], flops_per_token, peak_flops,
+                                 jax.device_count())
         tokens = 0
         logger.write(done, last)
       if evaluator is not None and done % config.eval.every_steps == 0:
