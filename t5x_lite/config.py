@@ -74,6 +74,17 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
   config.train.loss_normalizing_factor = 'NUM_REAL_TARGET_TOKENS'
   config.train.nan_policy = 'stop'  # on NaN/Inf loss: 'stop' (nothing saved) or 'skip' the update
   config.train.peak_flops_per_device = 0.0  # for MFU; e.g. 197e12 for a TPU v4 chip in bf16
+  # 'seq2seq' (pre-training, SFT), or on preference pairs 'reward' (needs model.reward_head)
+  # or 'dpo'; train.batch_size then counts pairs (two rows each)
+  config.train.objective = 'seq2seq'
+
+  config.posttrain = ml_collections.ConfigDict()  # preference objectives (t5x_lite.posttrain)
+  config.posttrain.beta = 0.1  # DPO: strength of the KL tie to the reference
+  config.posttrain.dpo_loss = 'sigmoid'  # 'sigmoid' (DPO) or 'ipo'
+  config.posttrain.label_smoothing = 0.0  # DPO: assumed share of flipped labels (cDPO)
+  # DPO's reference log-probs: 'params' (a frozen model) or 'precomputed' (in the data)
+  config.posttrain.reference = 'params'
+  config.posttrain.reference_workdir = ''  # the frozen reference's run ('' = train.init_from's)
 
   config.optimizer = optimizers.default_optimizer_config()
 

@@ -27,7 +27,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
-from t5x_lite import eval_commands, hf_io, launch, models, plots, sweeps, trainer
+from t5x_lite import eval_commands, hf_io, launch, models, plots, posttrain, sweeps, trainer
 from t5x_lite.data import report as data_report
 from t5x_lite.data import tasks
 
@@ -122,6 +122,7 @@ def train(config: ml_collections.ConfigDict) -> None:
   # A bad mesh, batch size or task fails here, before the workdir is touched.
   trainer.setup_distributed(config)
   trainer.setup_partitioner(config)
+  posttrain.check_reference(config)
   truncation = data_report.truncation_summary(config.data)
   try:
     os.makedirs(workdir, exist_ok=True)
