@@ -157,7 +157,13 @@ def infer(config: ml_collections.ConfigDict) -> None:
 
 
 def score(config: ml_collections.ConfigDict) -> None:
-  """Writes <workdir>/score_<task>_<split>.jsonl: each example's target log-likelihood."""
+  """Writes <workdir>/score_<task>_<split>.jsonl: each example's target log-likelihood; for
+  a reward or DPO run, each pair's rewards (score_pairs_<split>.jsonl)."""
+  if config.train.objective != 'seq2seq':
+    path, means = posttrain.run_score_pairs(config, _checkpoint_workdir('score', config))
+    print(f'wrote rewards of {means["num_pairs"]} pairs to {path}; pairwise accuracy '
+          f'{means["accuracy"]:.4f}, mean margin {means["margin"]:.4f}, loss {means["loss"]:.4f}')
+    return
   path, mean = eval_commands.run_score(config, _checkpoint_workdir('score', config))
   if jax.process_index() == 0:
     print(f'wrote scores to {path}; mean log-likelihood {mean:.4f}')

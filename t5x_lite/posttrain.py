@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from t5x_lite import eval_commands, partitioning
-from t5x_lite.data import pipeline, tasks
+from t5x_lite import eval_commands, models, partitioning
+from t5x_lite import config as config_lib
+from t5x_lite.data import pipeline, posttrain_data, sources, tasks
 
 Array = jax.Array
 OBJECTIVES = ('seq2seq', 'reward', 'dpo')
@@ -70,7 +71,7 @@ class Objective:
                ) -> tuple[Array, dict[str, Array]]:
     """Per-pair losses [B] and per-pair stats (`bradley_terry` / `dpo`) of a batch."""
     if self.name == 'reward':
-      rewards = model.apply({'params': params}, **model_inputs(batch, reward=True),
+      rewards = model.apply({'params': params}, **model_inputs(batch),
                             deterministic=deterministic, rngs=rngs, method='reward')
       return bradley_terry(*split_pairs(rewards))
     policy = sequence_logprobs(model, params, batch, deterministic=deterministic, rngs=rngs)
@@ -152,12 +153,9 @@ def check_reference(config: ml_collections.ConfigDict) -> None:
   load_reference(config, eval_commands.make_partitioner(config))
 
 
-def model_inputs(batch: Mapping[str, Array], reward: bool = False) -> dict[str, Array]:
-  """The batch's model features; a reward model reads unpacked rows and no positions."""
-  inputs = {k: v for k, v in batch.items() if k not in NON_INPUTS}
-  if reward:
-    inputs = {k: v for k, v in inputs.items() if not k.endswith(('_segment_ids', '_positions'))}
-  return inputs
+def model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
+  """The batch's model features (pairs are never packed: no segment ids or positions)."""
+  return {k: v for k, v in batch.items() if k not in NON_INPUTS}
 
 
 def split_pairs(x: Array) -> tuple[Array, Array]:
@@ -235,21 +233,50 @@ def evaluate_pairs(objective: Objective, model: nn.Module, params: Any,
   return means, per_pair
 
 
+def run_score_pairs(config: ml_collections.ConfigDict, workdir: str
+                    ) -> tuple[str, dict[str, float]]:
+  """The `score` command for preference runs: writes `<workdir>/score_pairs_<split>.jsonl`
+  rows {"prompt", "chosen", "rejected", "reward_chosen", "reward_rejected"} (the reward
+  model's rewards, or DPO's implicit ones) for the pairs of `eval.split`; returns the path
+  and the mean metrics (pairwise accuracy, margin, loss)."""
+  objective = objective_from_config(config)
+  partitioner = eval_commands.make_partitioner(config)
+  params, _ = eval_commands.load_params(config, workdir, partitioner)
+  model = models.build_model(config_lib.model_config(config))
+  task = tasks.from_config(config.data)
+  split = config.eval.split
+  reference = load_reference(config, partitioner)
+  with partitioner.activate():
+    means, per_pair = evaluate_pairs(
+        objective, model, params, pair_batches(config, split, config.eval.batch_size, task),
+        reference)
+  source = task.source(split)
+  if len(source) != means['num_pairs']:
+    raise ValueError(f'{means["num_pairs"]} of {len(source)} pairs fit the feature lengths '
+                     'whole; score with data.truncate=True to score them all')
+  path = os.path.join(workdir, f'score_pairs_{split}.jsonl')
+  with open(path, 'w', encoding='utf-8') as f:
+    for i in range(len(source)):
+      row = {k: source[i][k] for k in ('prompt', 'chosen', 'rejected')}
+      row.update(reward_chosen=float(per_pair['reward_chosen'][i]),
+                 reward_rejected=float(per_pair['reward_rejected'][i]))
+      f.write(json.dumps(row, ensure_ascii=False) + '\n')
+  return path, means
+
+
 def precompute_reference(model: nn.Module, reference: Any, rows: list[Mapping[str, Any]],
                          config: ml_collections.ConfigDict, out_path: str,
                          batch_size: int = 32) -> int:
   """Writes `rows` ({"prompt", "chosen", "rejected"}) to `out_path` as JSONL with each
   pair's reference log-probs (`reference_chosen_logp`, `reference_rejected_logp`), computed
   once, for DPO with `posttrain.reference='precomputed'`; returns the number of rows."""
-  from t5x_lite.data import posttrain_data, sources  # pylint: disable=g-import-not-at-top
   task = posttrain_data.preference_task('precompute', lambda split: sources.InMemorySource(rows))
-  data = config.data
-  batches = pipeline.get_dataset(
-      task, 'train', data.feature_lengths.to_dict(), batch_size, shuffle=False, num_epochs=1,
-      converter=f'pairs_{data.converter}', truncate=True, drop_remainder=False, log_every=0,
-      prefetch=0, start_id=config.model.decoder_start_token_id)
   logp = jax.jit(lambda params, batch: sequence_logprobs(model, params, batch))
-  values = np.concatenate([np.asarray(logp(reference, dict(b))) for b in batches])
+  values = np.concatenate([np.asarray(logp(reference, dict(batch)))
+                           for batch in pair_batches(config, 'train', batch_size, task)])
+  if len(values) != 2 * len(rows):
+    raise ValueError(f'{len(values) // 2} of {len(rows)} pairs fit the feature lengths whole; '
+                     'precompute with data.truncate=True to keep every pair')
   with open(out_path, 'w', encoding='utf-8') as f:
     for i, row in enumerate(rows):
       out = dict(row, reference_chosen_logp=float(values[2 * i]),

@@ -52,13 +52,17 @@ class StepOptions:
   objective: posttrain.Objective | None = None  # a preference objective instead of seq2seq
 
 
+def _model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
+  return {k: v for k, v in batch.items() if k != 'decoder_loss_weights'}
+
+
 def _microbatch_sums(model: nn.Module, options: StepOptions, params: Any,
                      batch: Mapping[str, Array], rng: Array,
                      reference: Any = None) -> tuple[Array, dict[str, Array]]:
   """Summed loss of one microbatch whose weights are already normalised, with metric sums."""
   if options.objective is not None:
     return options.objective.loss(model, params, batch, rng, reference)
-  logits = model.apply({'params': params}, **posttrain.model_inputs(batch), deterministic=False,
+  logits = model.apply({'params': params}, **_model_inputs(batch), deterministic=False,
                        rngs={'dropout': rng})
   loss, z_loss = losses.cross_entropy_with_z_loss(
       logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
