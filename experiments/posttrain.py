@@ -1,6 +1,6 @@
 """Post-training end to end at tiny scale: SFT -> reward model -> DPO, on 2 CPU cores.
 
-Run from the repository root (about 30 minutes on 2 CPU cores):
+Run from the repository root (about 25 minutes on 2 CPU cores):
 
   python experiments/posttrain.py --workdir=runs/posttrain
 
@@ -37,7 +37,7 @@ from t5x_lite.data import pipeline, posttrain_data, sources, tasks
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'posttrain')
 TASKS = list(posttrain_data.INSTRUCTIONS)
-WEAK_STEPS, SFT_STEPS, RM_STEPS, DPO_STEPS = 100, 800, 300, 150
+WEAK_STEPS, SFT_STEPS, RM_STEPS, DPO_STEPS = 100, 1000, 500, 150
 TRAIN_PROMPTS = 250  # per task: weak samples and (a)/(b) training pairs
 HELD_OUT = 100  # per task: validation prompts
 

@@ -356,8 +356,8 @@ def pipeline_batches(config: ml_collections.ConfigDict, shard_index: int,
       data.feature_lengths.to_dict(),
       config.train.batch_size // shard_count, seed=config.seed, shuffle=data.shuffle,
       shard_index=shard_index, shard_count=shard_count, pack=data.pack,
-      converter=posttrain.converter_name(config), truncate=data.truncate, num_workers=data.num_workers,
-      log_every=0, start_id=config.model.decoder_start_token_id))
+      converter=posttrain.converter_name(config), truncate=data.truncate,
+      num_workers=data.num_workers, log_every=0, start_id=config.model.decoder_start_token_id))
 
 
 def _flops_per_token(config: ml_collections.ConfigDict,

@@ -290,6 +290,17 @@ def test_resume_is_bitwise_exact(sft_run, objective):
   assert _losses(resumed) == expected  # bitwise
   assert len({loss for _, loss, _ in expected}) > 1  # it trains
 
+  # `score` on the held-out pairs: one row per pair, accuracy the share of chosen ahead.
+  config.data.files.validation = pairs
+  path, means = posttrain.run_score_pairs(config, str(straight))
+  with open(path, encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  with open(pairs, encoding='utf-8') as f:
+    assert [r['chosen'] for r in rows] == [json.loads(line)['chosen'] for line in f]
+  assert means['num_pairs'] == len(rows) == 64
+  wins = np.mean([r['reward_chosen'] > r['reward_rejected'] for r in rows])
+  assert means['accuracy'] == pytest.approx(wins)
+
 
 def _cli(*args, cwd):
   env = dict(os.environ, PYTHONPATH=ROOT)
