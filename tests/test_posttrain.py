@@ -65,6 +65,27 @@ def test_chat_template_renders_turns_and_ends_with_the_assistant_cue():
     posttrain_data.render_chat([messages[1], {'role': 'assistant', 'content': ' '}])
 
 
+def test_sft_files_take_single_and_multi_turn_lines(tmp_path):
+  path = tmp_path / 'sft.jsonl'
+  path.write_text(
+      '{"prompt": "Hi", "response": "Hello"}\n'
+      '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": '
+      '"Hello"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": '
+      '"Ciao"}]}\n', encoding='utf-8')
+  config = presets.get('decoder_tiny')
+  config.data.update(format='sft', files={'train': str(path)})
+  task = tasks.from_config(config.data)
+  texts = [(VOCAB.decode(e['inputs'].tolist()), VOCAB.decode(e['targets'][:-1].tolist()))
+           for e in map(task.preprocess, (task.source('train')[i] for i in range(2)))]
+  # The shipped SentencePiece model normalises the template's newlines to spaces.
+  assert texts == [('User: Hi Assistant:', 'Hello'),
+                   ('User: Hi Assistant: Hello User: Bye Assistant:', 'Ciao')]
+  path.write_text('{"prompt": "Hi", "response": "Hello"}\n{"prompt": "Hi", "response": ""}\n',
+                  encoding='utf-8')
+  with pytest.raises(ValueError, match=r'sft.jsonl: row 2: missing or empty response'):
+    tasks.from_config(config.data)
+
+
 def test_instruction_tasks_use_the_corpus_answers_under_several_templates():
   rows = posttrain_data.instruction_rows('classify_debian_section', 'validation')
   corpus = sources.corpus_source('classify_debian_section', 'validation')

@@ -9,7 +9,8 @@ assistant turn's content. So `{"prompt": "Hi", "response": "Hello"}` trains
     targets = "Hello" + EOS              (the loss is on these tokens only)
 
 and `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...]}` renders all
-turns before the last assistant turn into the prompt. The prefix-LM converter puts the loss
+turns before the last assistant turn into the prompt. (The shipped SentencePiece vocabulary
+normalises the newlines to spaces.) The prefix-LM converter puts the loss
 on the targets only, the enc_dec converter feeds the prompt to the encoder; packing keeps
 examples apart with segment ids.
 
