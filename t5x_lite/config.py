@@ -76,6 +76,17 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
   # MFU's denominator; 0 = the device's published bf16 peak (TPU v4/v5e/v5p/v6e, A100/H100/
   # H200) or, on CPU, a measured float32 matmul peak (t5x_lite/hardware.py)
   config.train.peak_flops_per_device = 0.0
+  # 'seq2seq' (pre-training, SFT), or on preference pairs 'reward' (needs model.reward_head)
+  # or 'dpo'; train.batch_size then counts pairs (two rows each)
+  config.train.objective = 'seq2seq'
+
+  config.posttrain = ml_collections.ConfigDict()  # preference objectives (t5x_lite.posttrain)
+  config.posttrain.beta = 0.1  # DPO: strength of the KL tie to the reference
+  config.posttrain.dpo_loss = 'sigmoid'  # 'sigmoid' (DPO) or 'ipo'
+  config.posttrain.label_smoothing = 0.0  # DPO: assumed share of flipped labels (cDPO)
+  # DPO's reference log-probs: 'params' (a frozen model) or 'precomputed' (in the data)
+  config.posttrain.reference = 'params'
+  config.posttrain.reference_workdir = ''  # the frozen reference's run ('' = train.init_from's)
 
   config.optimizer = optimizers.default_optimizer_config()
 

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 
 from t5x_lite import config as config_lib
 from t5x_lite import checkpoints, eval_commands, hardware, hf_io, launch, models, planner
-from t5x_lite import plots, sweeps, trainer, validation
+from t5x_lite import plots, posttrain, sweeps, trainer, validation
 from t5x_lite.data import report as data_report
 from t5x_lite.data import tasks
 
@@ -196,6 +196,7 @@ def train(config: ml_collections.ConfigDict) -> None:
     _fail('--workdir is required for train, e.g. --workdir=runs/my_run')
   trainer.setup_distributed(config)
   plan = validation.check_train(config, workdir)
+  posttrain.check_reference(config)
   truncation = data_report.truncation_summary(config.data)
   lead = jax.process_index() == 0
   if plan.finished:
@@ -311,7 +312,13 @@ def infer(config: ml_collections.ConfigDict) -> None:
 
 
 def score(config: ml_collections.ConfigDict) -> None:
-  """Writes <workdir>/score_<task>_<split>.jsonl: each example's target log-likelihood."""
+  """Writes <workdir>/score_<task>_<split>.jsonl: each example's target log-likelihood; for
+  a reward or DPO run, each pair's rewards (score_pairs_<split>.jsonl)."""
+  if config.train.objective != 'seq2seq':
+    path, means = posttrain.run_score_pairs(config, _checkpoint_workdir('score', config))
+    print(f'wrote rewards of {means["num_pairs"]} pairs to {path}; pairwise accuracy '
+          f'{means["accuracy"]:.4f}, mean margin {means["margin"]:.4f}, loss {means["loss"]:.4f}')
+    return
   path, mean = eval_commands.run_score(config, _checkpoint_workdir('score', config))
   if jax.process_index() == 0:
     print(f'wrote scores to {path}; mean log-likelihood {mean:.4f}')

@@ -60,6 +60,7 @@ class ModelConfig:
   # The first decoder input (teacher forcing, prompts, decoding): T5's 0, or the BOS id of a
   # tokenizer that has one (Llama's 1).
   decoder_start_token_id: int = 0
+  reward_head: bool = False  # a scalar head on the decoder's final states (reward models)
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -110,6 +111,12 @@ class ModelConfig:
   @property
   def activation_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+
+def backbone(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The params without the reward head: what `train.init_from` restores, so a reward model
+  starts from any language model's checkpoint."""
+  return {name: value for name, value in params.items() if name != 'reward_head'}
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str):
@@ -218,6 +225,8 @@ class _Transformer(nn.Module):
     if not cfg.logits_via_embedding:
       self.logits_dense = layers.DenseGeneral(
           cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.activation_dtype)
+    if cfg.reward_head:
+      self.reward_dense = layers.DenseGeneral(1, ('embed', None), name='reward_head')
 
   def _relative_bias(self, name: str, bidirectional: bool):
     cfg = self.config
@@ -249,6 +258,19 @@ class _Transformer(nn.Module):
 
   def _embed_tokens(self, tokens: Array) -> Array:
     return layers.constrain(self.token_embedder(tokens), ('batch', 'length', 'embed'))
+
+  def _head_outputs(self, hidden: Array) -> Array:
+    """The logits of `hidden`; at init also the reward head's, so its params exist."""
+    if self.config.reward_head and self.is_initializing():
+      self.reward_dense(hidden)
+    return self._logits(hidden)
+
+  def _rewards(self, hidden: Array, valid: Array) -> Array:
+    """float32 [b]: the reward head at each row's last non-padding position, whose state has
+    read the whole sequence (the position that predicts EOS)."""
+    last = jnp.maximum(jnp.sum(valid.astype(jnp.int32), axis=1) - 1, 0)  # [b]
+    final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [b, embed]
+    return self.reward_dense(final.astype(jnp.float32))[:, 0]
 
   def _logits(self, hidden: Array) -> Array:
     """[b, l, embed] -> float32 [b, l, vocab]."""
@@ -295,6 +317,19 @@ class EncoderDecoder(_Transformer):
     [b, max_decode_length] input creates the cache, storing the cross-attention keys and
     values of `encoded`; each later call takes one token [b, 1] (and `encoded=None`).
     """
+    y = self.decoder_hidden(encoded, encoder_input_tokens, decoder_input_tokens,
+                            decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                            decoder_positions, deterministic=deterministic, decode=decode,
+                            max_decode_length=max_decode_length)
+    return self._head_outputs(y)
+
+  def decoder_hidden(self, encoded: Array | None, encoder_input_tokens: Array,
+                     decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
+                     encoder_segment_ids: Array | None = None,
+                     decoder_segment_ids: Array | None = None,
+                     decoder_positions: Array | None = None, *, deterministic: bool = True,
+                     decode: bool = False, max_decode_length: int | None = None) -> Array:
+    """The decoder's final-norm states [b, l_out, embed] (`decode`'s before the logits)."""
     self_valid, query_valid = self._decoder_valid(
         decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decode,
         max_decode_length)
@@ -307,7 +342,7 @@ class EncoderDecoder(_Transformer):
                      self._self_bias(self.decoder_relpos, self_mask), positions,
                      encoded, layers.mask_to_bias(cross_mask), deterministic=deterministic,
                      decode=decode)
-    return self._logits(y)
+    return y
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array | None = None,
@@ -321,6 +356,15 @@ class EncoderDecoder(_Transformer):
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                        decoder_positions, deterministic=deterministic)
+
+  def reward(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decoder_target_tokens: Array, *, deterministic: bool = True) -> Array:
+    """float32 [b] rewards (needs `reward_head`): the head on the decoder's final state
+    after the response, for unpacked rows whose `decoder_target_tokens` are 0-padded."""
+    encoded = self.encode(encoder_input_tokens, deterministic=deterministic)
+    y = self.decoder_hidden(encoded, encoder_input_tokens, decoder_input_tokens,
+                            decoder_target_tokens, deterministic=deterministic)
+    return self._rewards(y, decoder_target_tokens > 0)
 
   def embed(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None
             ) -> Array:
@@ -368,7 +412,17 @@ class DecoderOnly(_Transformer):
                               decoder_segment_ids, decoder_positions,
                               decoder_causal_attention, deterministic=deterministic,
                               decode=decode, max_decode_length=max_decode_length)
-    return self._logits(y)
+    return self._head_outputs(y)
+
+  def reward(self, decoder_input_tokens: Array, decoder_target_tokens: Array,
+             decoder_causal_attention: Array | None = None, *,
+             deterministic: bool = True) -> Array:
+    """float32 [b] rewards (needs `reward_head`): the head on the final state after the
+    response, for unpacked rows whose `decoder_target_tokens` are 0-padded."""
+    y, valid = self.hidden_states(decoder_input_tokens, decoder_target_tokens,
+                                  decoder_causal_attention=decoder_causal_attention,
+                                  deterministic=deterministic)
+    return self._rewards(y, valid)
 
   def embed(self, decoder_input_tokens: Array, decoder_segment_ids: Array | None = None
             ) -> Array:

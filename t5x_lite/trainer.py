@@ -22,7 +22,7 @@ import optax
 from etils import epath
 
 from t5x_lite import checkpoints, eval_commands, evaluation, hardware, logging_utils, losses
-from t5x_lite import models, optimizers, partitioning
+from t5x_lite import models, optimizers, partitioning, posttrain
 from t5x_lite import config as config_lib
 from t5x_lite.data import pipeline, tasks
 
@@ -49,6 +49,7 @@ class StepOptions:
   z_loss: float = 1e-4
   loss_normalizing_factor: Any = 'NUM_REAL_TARGET_TOKENS'
   skip_nonfinite: bool = False
+  objective: posttrain.Objective | None = None  # a preference objective instead of seq2seq
 
 
 def _model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
@@ -56,8 +57,11 @@ def _model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
 
 
 def _microbatch_sums(model: nn.Module, options: StepOptions, params: Any,
-                     batch: Mapping[str, Array], rng: Array) -> tuple[Array, dict[str, Array]]:
+                     batch: Mapping[str, Array], rng: Array,
+                     reference: Any = None) -> tuple[Array, dict[str, Array]]:
   """Summed loss of one microbatch whose weights are already normalised, with metric sums."""
+  if options.objective is not None:
+    return options.objective.loss(model, params, batch, rng, reference)
   logits = model.apply({'params': params}, **_model_inputs(batch), deterministic=False,
                        rngs={'dropout': rng})
   loss, z_loss = losses.cross_entropy_with_z_loss(
@@ -70,9 +74,11 @@ def _microbatch_sums(model: nn.Module, options: StepOptions, params: Any,
 
 
 def _gradients(model: nn.Module, options: StepOptions, params: Any,
-               batch: Mapping[str, Array], rng: Array) -> tuple[Any, dict[str, Array]]:
+               batch: Mapping[str, Array], rng: Array,
+               reference: Any = None) -> tuple[Any, dict[str, Array]]:
   """Gradients and metric sums, accumulated over `num_microbatches` with `lax.scan`."""
   grad_fn = jax.grad(functools.partial(_microbatch_sums, model, options), has_aux=True)
+  grad_fn = functools.partial(grad_fn, reference=reference)
   n = options.num_microbatches
   if n == 1:
     return grad_fn(params, batch, rng)
@@ -90,14 +96,16 @@ def _gradients(model: nn.Module, options: StepOptions, params: Any,
   return grads, sums
 
 
-def train_step(state: TrainState, batch: Mapping[str, Array], base_rng: Array, *,
-               model: nn.Module, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: Mapping[str, Array], base_rng: Array,
+               reference: Any = None, *, model: nn.Module, tx: optax.GradientTransformation,
                options: StepOptions) -> tuple[TrainState, dict[str, Array]]:
-  """One optimizer update on a global batch; dropout RNG is `fold_in(base_rng, step)`."""
+  """One optimizer update on a global batch; dropout RNG is `fold_in(base_rng, step)`.
+  `reference`: DPO's frozen reference params (no gradient, no optimizer state)."""
   rng = jax.random.fold_in(base_rng, state.step)
-  batch = dict(batch, decoder_loss_weights=losses.normalize_weights(
-      batch['decoder_loss_weights'], options.loss_normalizing_factor))
-  grads, sums = _gradients(model, options, state.params, batch, rng)
+  if options.objective is None:  # preference objectives read the weights as response masks
+    batch = dict(batch, decoder_loss_weights=losses.normalize_weights(
+        batch['decoder_loss_weights'], options.loss_normalizing_factor))
+  grads, sums = _gradients(model, options, state.params, batch, rng, reference)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = losses.finalize_metrics(sums)
@@ -164,8 +172,10 @@ def init_state(model: nn.Module, model_config: models.ModelConfig,
   """A fresh state built directly in its shardings: no host holds the whole model."""
 
   def init(rng, params):
-    if params is None:
-      params = nn.unbox(model.init(rng, **models.dummy_batch(model_config))['params'])
+    # Given params (e.g. an SFT run's) replace the fresh ones; a reward head they lack stays
+    # freshly initialised. jit drops the fresh params that are replaced.
+    fresh = nn.unbox(model.init(rng, **models.dummy_batch(model_config))['params'])
+    params = {**fresh, **(params or {})}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   return jax.jit(init, out_shardings=shardings)(rng, params)
@@ -224,17 +234,21 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     if config.train.init_from:
       pretrained = checkpoints.restore_params(
           config.train.init_from,
-          checkpoints.abstract_with_shardings(shapes.params, shardings.params))
+          checkpoints.abstract_with_shardings(models.backbone(shapes.params),
+                                              models.backbone(shardings.params)))
     state = init_state(model, model_config, tx, shardings, init_rng, pretrained)
 
   options = StepOptions(
       num_microbatches=config.train.num_microbatches,
       label_smoothing=config.train.label_smoothing, z_loss=config.train.z_loss,
       loss_normalizing_factor=config.train.loss_normalizing_factor,
-      skip_nonfinite=config.train.nan_policy == 'skip')
+      skip_nonfinite=config.train.nan_policy == 'skip',
+      objective=posttrain.objective_from_config(config))
+  reference = posttrain.load_reference(config, partitioner)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, options=options),
-      in_shardings=(shardings, partitioner.batch_sharding(), partitioner.replicated()),
+      in_shardings=(shardings, partitioner.batch_sharding(), partitioner.replicated(),
+                    None if reference is None else shardings.params),
       out_shardings=(shardings, partitioner.replicated()), donate_argnums=(0,))
   logger = logging_utils.MetricLogger(
       workdir, total_steps=config.train.num_steps, initial_step=int(state.step),
@@ -252,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     for step in range(int(state.step), config.train.num_steps):
       local = next(batches)
       tokens += int(np.sum(local['decoder_loss_weights'] > 0)) * jax.process_count()
-      state, metrics = step_fn(state, partitioner.shard_batch(local), dropout_rng)
+      state, metrics = step_fn(state, partitioner.shard_batch(local), dropout_rng, reference)
       done = step + 1
       stopping = preemption.requested  # read once: a SIGTERM may land mid-iteration
       saving = checkpointer.should_save(done) or stopping or done == config.train.num_steps
@@ -345,8 +359,8 @@ def pipeline_batches(config: ml_collections.ConfigDict, shard_index: int,
       data.feature_lengths.to_dict(),
       config.train.batch_size // shard_count, seed=config.seed, shuffle=data.shuffle,
       shard_index=shard_index, shard_count=shard_count, pack=data.pack,
-      converter=data.converter, truncate=data.truncate, num_workers=data.num_workers,
-      log_every=0, start_id=config.model.decoder_start_token_id))
+      converter=posttrain.converter_name(config), truncate=data.truncate,
+      num_workers=data.num_workers, log_every=0, start_id=config.model.decoder_start_token_id))
 
 
 def _flops_per_token(config: ml_collections.ConfigDict,

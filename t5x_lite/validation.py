@@ -166,12 +166,16 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_params_fit(directory: epath.Path, config: ml_collections.ConfigDict,
-                      partitioner: partitioning.Partitioner, run: str) -> None:
+                      partitioner: partitioning.Partitioner, run: str,
+                      backbone_only: bool = False) -> None:
   """The newest checkpoint in `directory` whose metadata reads has this config's param
-  shapes (an unreadable newest one is left to the fallback restore)."""
+  shapes (an unreadable newest one is left to the fallback restore); `backbone_only` leaves
+  out the reward head, which `init_from` does not restore."""
   boxed = models.boxed_param_shapes(config_lib.model_config(config))
   abstract = checkpoints.abstract_with_shardings(nn.unbox(boxed),
                                                  partitioner.boxed_shardings(boxed))
+  if backbone_only:
+    abstract = models.backbone(abstract)
   steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
   for step in steps:
     path = os.fspath(checkpoints.as_path(directory) / str(step) / 'state')
@@ -254,7 +258,8 @@ def _check_init_from(config: ml_collections.ConfigDict, partitioner: Any) -> Non
   if checkpoints.latest_step(directory) is None:
     raise ValueError(f'train.init_from={config.train.init_from!r} holds no checkpoint; pass '
                      'another run\'s checkpoints directory, e.g. runs/base/checkpoints')
-  _check_params_fit(directory, config, partitioner, config.train.init_from)
+  _check_params_fit(directory, config, partitioner, config.train.init_from,
+                    backbone_only=True)
 
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str,

@@ -409,6 +409,8 @@ def from_config(data: Any, name: str = '') -> Task | Mixture:
   """
   if name:
     task = get(name)
+  elif data.format in posttrain_data.FORMATS:
+    task = posttrain_data.file_task(data)
   elif any(data.files.values()):
     settings = {
         'paths': data.files.to_dict(), 'format': data.format, 'header': data.header,
@@ -495,3 +497,5 @@ def _register_bundled() -> None:
 
 
 _register_bundled()
+# Last: it registers the post-training tasks through this module's registry.
+from t5x_lite.data import posttrain_data  # noqa: E402  pylint: disable=g-import-not-at-top
