@@ -12,6 +12,9 @@ import pytest
 
 from t5x_lite.data import feature_converters as fc
 
+# What an unknown converter's error lists: every registered one.
+KNOWN_CONVERTERS = r"known: \['enc_dec', 'lm', 'pairs_enc_dec', 'pairs_prefix_lm', 'prefix_lm'\]"
+
 
 def _ex(**features):
   return {k: np.array(v, np.int32) for k, v in features.items()}
@@ -183,7 +186,7 @@ def test_bad_examples_raise_a_clear_error(name, lengths, example, message):
 @pytest.mark.parametrize('name, lengths, message', [
     ('enc_dec', {'targets': 4}, r"\['inputs', 'targets'\]"),
     ('lm', {'targets': 0}, 'positive ints'),
-    ('encoder', {'targets': 4}, "known: \\['enc_dec', 'lm', 'prefix_lm'\\]"),
+    ('encoder', {'targets': 4}, KNOWN_CONVERTERS),
 ])
 def test_bad_converter_arguments_raise(name, lengths, message):
   with pytest.raises(ValueError, match=message):

@@ -15,6 +15,9 @@ import pytest
 
 from t5x_lite.data import pipeline, sources, tasks
 
+# What an unknown converter's error lists: every registered one.
+KNOWN_CONVERTERS = r"known: \['enc_dec', 'lm', 'pairs_enc_dec', 'pairs_prefix_lm', 'prefix_lm'\]"
+
 TASK = 'translate_en_de'
 SPLIT = 'validation'
 NUM_EXAMPLES = 593  # rows of translate_en_de/validation (corpora/README.md)
@@ -238,7 +241,7 @@ def test_measure_throughput():
     (dict(num_epochs=0), ValueError, 'num_epochs'),
     (dict(batch_size=0), ValueError, 'batch_size'),
     (dict(task='translate_en_xx'), KeyError, 'registered: .*translate_en_de'),
-    (dict(converter='bert'), ValueError, "known: \\['enc_dec', 'lm', 'prefix_lm'\\]"),
+    (dict(converter='bert'), ValueError, KNOWN_CONVERTERS),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, error, message):
   with pytest.raises(error, match=message):
