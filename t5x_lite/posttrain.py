@@ -150,7 +150,8 @@ def check_reference(config: ml_collections.ConfigDict) -> None:
   """Validates the objective and loads the reference once, so a missing or mismatched one
   fails before the workdir is touched (the CLI calls this first)."""
   objective_from_config(config)
-  load_reference(config, eval_commands.make_partitioner(config))
+  if reference_workdir(config) is not None:
+    load_reference(config, eval_commands.make_partitioner(config))
 
 
 def model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
