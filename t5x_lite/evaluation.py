@@ -200,18 +200,13 @@ def score_batch(model: Model, params: Any, batch: Mapping[str, np.ndarray], *,
 # ----------------------------------------------------------------------------------------
 
 
-def _is_tokenize(fn: Callable) -> bool:
-  return getattr(fn, 'func', fn) is preprocessors.tokenize
-
-
 def _split_at_tokenize(task: tasks.Task) -> tuple[list, list]:
-  """The task's text preprocessors and the rest (tokenize onwards)."""
-  steps = list(task.preprocessors)
-  index = next((i for i, fn in enumerate(steps) if _is_tokenize(fn)), None)
-  if index is None:
+  """The task's text preprocessors and the rest (tokenize onwards), which must exist."""
+  text_steps, rest = tasks.split_at_tokenize(task)
+  if not rest:
     raise ValueError(f'task {task.name} has no tokenize preprocessor; evaluation needs one to '
                      'recover the input and target text')
-  return steps[:index], steps[index:]
+  return text_steps, rest
 
 
 def _with_pretokenized(task: tasks.Task) -> tasks.Task:

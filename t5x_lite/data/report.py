@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from t5x_lite.data import feature_converters, pipeline, preprocessors, tasks, vocabularies
+from t5x_lite.data import feature_converters, pipeline, tasks, vocabularies
 
 PERCENTILES = (50, 90, 95, 99)
 KEEP_WHOLE = 0.95  # the share of examples a suggested feature_lengths keeps whole
@@ -211,9 +211,7 @@ def data_report(config: ml_collections.ConfigDict, max_examples: int = 10_000) -
 def task_texts(task: tasks.Task, split: str, max_examples: int = 0) -> dict[str, list[str]]:
   """The text of each feature ('inputs', 'targets') as the task renders it before
   tokenizing (its templates applied), over at most `max_examples` evenly spaced rows."""
-  steps = list(task.preprocessors)
-  text_steps = steps[:next((i for i, fn in enumerate(steps)
-                            if getattr(fn, 'func', fn) is preprocessors.tokenize), len(steps))]
+  text_steps, _ = tasks.split_at_tokenize(task)
   text_task = dataclasses.replace(task, preprocessors=tuple(text_steps))
   source = task.source(split)
   texts: dict[str, list[str]] = {key: [] for key in task.output_features}

@@ -159,6 +159,15 @@ class _MixtureWithVocabulary(Mixture):
     return [with_vocabulary(task, self.vocabulary) for task in super().tasks]
 
 
+def split_at_tokenize(task: Task) -> tuple[list, list]:
+  """The task's text preprocessors (templates and the like) and the rest, from
+  `preprocessors.tokenize` on (empty when the task has no tokenize step)."""
+  steps = list(task.preprocessors)
+  index = next((i for i, fn in enumerate(steps)
+                if getattr(fn, 'func', fn) is preprocessors.tokenize), len(steps))
+  return steps[:index], steps[index:]
+
+
 # config.data.vocabulary of a model that came without a tokenizer: never a substitute.
 NO_VOCABULARY = 'none'
 
