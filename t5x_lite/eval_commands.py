@@ -95,14 +95,10 @@ def check_params_match(path: str, abstract_params: Any, workdir: str) -> None:
                        'config; use the config that run was trained with')
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str,
-                partitioner: partitioning.Partitioner) -> tuple[Any, int]:
-  """The newest checkpoint's params in `workdir`, sharded per the config, and its step.
-
-  Raises:
-    FileNotFoundError: `workdir` holds no checkpoint.
-    ValueError: the config's model differs from the checkpoint's (names a param).
-  """
+def _checked_newest(config: ml_collections.ConfigDict, workdir: str,
+                    partitioner: partitioning.Partitioner) -> tuple[epath.Path, int, Any]:
+  """The checkpoint directory, its newest step and the config's abstract params, checked
+  against that step's metadata (no arrays read)."""
   directory = checkpoints.as_path(epath.Path(workdir) / 'checkpoints')
   step = checkpoints.latest_step(directory)
   if step is None:
@@ -112,6 +108,23 @@ def load_params(config: ml_collections.ConfigDict, workdir: str,
   abstract = checkpoints.abstract_with_shardings(nn.unbox(boxed),
                                                  partitioner.boxed_shardings(boxed))
   check_params_match(os.fspath(directory / str(step) / 'state'), abstract, workdir)
+  return directory, step, abstract
+
+
+def check_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`load_params`' checks alone: the newest checkpoint exists and fits the config."""
+  _checked_newest(config, workdir, make_partitioner(config))
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str,
+                partitioner: partitioning.Partitioner) -> tuple[Any, int]:
+  """The newest checkpoint's params in `workdir`, sharded per the config, and its step.
+
+  Raises:
+    FileNotFoundError: `workdir` holds no checkpoint.
+    ValueError: the config's model differs from the checkpoint's (names a param).
+  """
+  directory, step, abstract = _checked_newest(config, workdir, partitioner)
   return checkpoints.restore_params(directory, abstract, step), step
 
 

@@ -147,11 +147,13 @@ def load_reference(config: ml_collections.ConfigDict,
 
 
 def check_reference(config: ml_collections.ConfigDict) -> None:
-  """Validates the objective and loads the reference once, so a missing or mismatched one
-  fails before the workdir is touched (the CLI calls this first)."""
+  """Validates the objective and the reference's checkpoint metadata (no arrays read), so a
+  missing or mismatched reference fails before the workdir is touched (the CLI calls this
+  first; the trainer loads it)."""
   objective_from_config(config)
-  if reference_workdir(config) is not None:
-    load_reference(config, eval_commands.make_partitioner(config))
+  workdir = reference_workdir(config)
+  if workdir is not None:
+    eval_commands.check_checkpoint(config, workdir)
 
 
 def model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
