@@ -482,6 +482,29 @@ def span_corruption_task(name: str, corpus: str, text_key: str = 'text',
       {'inputs': Feature(vocabulary, required=False), 'targets': Feature(vocabulary)})
 
 
+def language_modeling_task(name: str, corpus: str, objective: str, text_key: str = 'text',
+                           max_length: int = 512) -> Task:
+  """A language-modelling objective over one text field of a bundled corpus.
+
+  Each text is cut to one random `max_length`-token chunk (as span corruption is), then
+  `objective` 'full_lm' makes the whole chunk the target (converter 'lm'), and 'prefix_lm'
+  splits it at a uniform random point into inputs and targets (T5's prefix-LM objective:
+  predict the rest from the start; converters 'enc_dec', 'prefix_lm' or 'causal_lm').
+  """
+  objectives = {'full_lm': preprocessors.full_lm, 'prefix_lm': preprocessors.prefix_lm}
+  if objective not in objectives:
+    raise ValueError(f'unknown language-modelling objective {objective!r}; '
+                     f'use one of {sorted(objectives)}')
+  vocabulary = vocabularies.default_vocabulary()
+  return Task(
+      name, functools.partial(sources.corpus_source, corpus),
+      (functools.partial(preprocessors.rekey, key_map={'targets': text_key}),
+       preprocessors.tokenize,
+       functools.partial(preprocessors.select_random_chunk, max_length=max_length),
+       objectives[objective], preprocessors.append_eos),
+      {'inputs': Feature(vocabulary, required=False), 'targets': Feature(vocabulary)})
+
+
 def _register_bundled() -> None:
   for lang in ('de', 'fr', 'zh'):
     # sacrebleu's 'zh' tokenizer splits Chinese characters; 'intl' would see whole sentences.
@@ -501,6 +524,8 @@ def _register_bundled() -> None:
   # only each corpus's own split is read, so held-out translation targets are never seen.
   register(span_corruption_task('span_corruption_pretrain_text', 'pretrain_text'))
   register(span_corruption_task('span_corruption_de', 'translate_en_de', text_key='de'))
+  register(language_modeling_task('lm_pretrain_text', 'pretrain_text', 'full_lm'))
+  register(language_modeling_task('prefix_lm_pretrain_text', 'pretrain_text', 'prefix_lm'))
   register(Mixture('pretrain_span_corruption',
                    ['span_corruption_pretrain_text', 'span_corruption_de'], rates=[3, 1]))
 
