@@ -22,9 +22,25 @@ install() {  # $1: pip extras, e.g. "[test]"
   fi
 }
 
+tcmalloc() {  # the allocator the CLI re-executes itself with (t5x_lite/allocator.py)
+  compgen -G ".venv/lib/tcmalloc/libtcmalloc*" >/dev/null && return
+  /sbin/ldconfig -p 2>/dev/null | grep -q libtcmalloc && return
+  local tmp
+  tmp=$(mktemp -d)
+  # Debian's package, unpacked into the venv: no root needed. Elsewhere the CLI falls back
+  # to glibc malloc with huge pages (slower; the README says how to install tcmalloc).
+  if (cd "$tmp" && apt-get download -qq libtcmalloc-minimal4) >/dev/null 2>&1 \
+      && dpkg-deb -x "$tmp"/libtcmalloc-minimal4_*.deb "$tmp/root"; then
+    mkdir -p .venv/lib/tcmalloc
+    cp -L "$tmp"/root/usr/lib/*/libtcmalloc_minimal.so.4 .venv/lib/tcmalloc/
+  fi
+  rm -rf "$tmp"
+}
+
 case "$job" in
   quickstart)
     install ""
+    tcmalloc
     .venv/bin/python -m t5x_lite.main info --config=configs/quickstart.py
     .venv/bin/python -m t5x_lite.main train --config=configs/quickstart.py \
         --workdir=runs/quickstart
@@ -33,6 +49,7 @@ case "$job" in
     ;;
   test)
     install "[test]"
+    tcmalloc
     shift
     status=0
     .venv/bin/python -m pytest "$@" || status=$?

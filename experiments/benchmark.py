@@ -10,9 +10,9 @@ Run from the repository root (HF is a test dependency: `pip install -e ".[test]"
 Both sides get the same weights (ours, exported with `t5x_lite.hf`: T5 untied as T5.1.1 is,
 so both have the same parameters), the same cores (`--threads`, default 2, pinned with
 sched_setaffinity), denormals flushed (XLA flushes on its own; torch needs
-`set_flush_denormal`) and the same allocator: the script re-executes itself with tcmalloc in
-LD_PRELOAD when the library is installed (Debian: libtcmalloc-minimal4), unless
-`--allocator=glibc`. Warm-up (compilation, HF's first call) is timed apart; the timed steps
+`set_flush_denormal`) and the same allocator: the script re-executes itself with the one the
+CLI uses (t5x_lite/allocator.py: tcmalloc when found, else glibc malloc with huge pages;
+`--allocator` picks another). Warm-up (compilation, HF's first call) is timed apart; the timed steps
 alternate ours, HF, ours, HF so machine noise hits both. Train rows give tokens/s and the model
 FLOP/s (MaxText's per-token formula) against a float32 matmul of the same framework measured in
 the same run; decode rows give new tokens/s, the time per token-step ((a call generating N
@@ -28,7 +28,6 @@ in bfloat16 against the device's published peak (MFU); the HF side runs on CPU o
 """
 
 import argparse
-import ctypes.util
 import dataclasses
 import datetime
 import importlib.util
@@ -42,6 +41,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+from t5x_lite import allocator
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 OUT = REPO / 'experiments' / 'benchmarks.md'
@@ -68,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=10, help='timed steps (calls) per side')
   parser.add_argument('--threads', type=int, default=2, help='cores for each side')
   parser.add_argument('--allocator', default='auto',
-                      help="'auto' (tcmalloc when installed), 'glibc', or a library to preload")
+                      help="as the CLI's T5X_LITE_ALLOCATOR (t5x_lite/allocator.py): 'auto', "
+                      "'tcmalloc', 'glibc', 'system', or a library to preload")
   parser.add_argument('--sides', choices=('both', 'ours', 'hf'), default='both')
   parser.add_argument('--no_flush', action='store_true', help='HF: leave denormals on')
   parser.add_argument('--no_reference', action='store_true',
@@ -76,20 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--json', action='store_true', help='print rows as JSON, write nothing')
   parser.add_argument('--out', default=str(OUT), help='the markdown file appended to')
   return parser.parse_args(argv)
-
-
-def _preload_allocator(choice: str) -> None:
-  """Re-executes this script with the allocator in LD_PRELOAD (it must be there at start)."""
-  if choice == 'glibc' or os.environ.get('T5X_LITE_BENCHMARK_ALLOCATOR'):
-    return
-  library = ctypes.util.find_library('tcmalloc_minimal') if choice == 'auto' else choice
-  if not library:
-    print('note: tcmalloc not found (Debian: apt-get install libtcmalloc-minimal4); '
-          'measuring with glibc malloc', file=sys.stderr)
-    return
-  env = dict(os.environ, T5X_LITE_BENCHMARK_ALLOCATOR=library,
-             LD_PRELOAD=' '.join(filter(None, (os.environ.get('LD_PRELOAD'), library))))
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def _fail(message: str) -> None:
@@ -349,7 +337,7 @@ def measure_machine(args: argparse.Namespace, weight_bytes: float, rows: int) ->
       f'{hardware.cpu_model()} ({os.cpu_count()} cores; flags: '
       f'{" ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)}), '
       f'{jax.devices()[0].device_kind}; {args.threads} threads per side; allocator '
-      f'{os.environ.get("T5X_LITE_BENCHMARK_ALLOCATOR", "glibc malloc")}; Python '
+      f'{allocator.loaded()}; Python '
       f'{platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, '
       f'torch {torch.__version__}, transformers {transformers.__version__}. Same run: float32 '
       f'{size}³ matmul {jax_peak / 1e9:,.1f} GFLOP/s in JAX, {torch_peak / 1e9:,.1f} in torch; '
@@ -400,10 +388,10 @@ def side_rows(sides: list[Side], args: argparse.Namespace, work: Workload, machi
 def reference_row(args: argparse.Namespace) -> list[str]:
   """HF as most users run it: its own process, denormals on, glibc malloc."""
   env = {k: v for k, v in os.environ.items()
-         if k not in ('LD_PRELOAD', 'T5X_LITE_BENCHMARK_ALLOCATOR')}
+         if k not in ('LD_PRELOAD', 'GLIBC_TUNABLES', allocator.ENV, allocator.LOADED)}
   command = [sys.executable, __file__, f'--mode={args.mode}', f'--shape={args.shape}',
              f'--batch={args.batch}', f'--steps={args.steps}', f'--threads={args.threads}',
-             '--allocator=glibc', '--sides=hf', '--no_flush', '--no_reference', '--json']
+             '--allocator=system', '--sides=hf', '--no_flush', '--no_reference', '--json']
   result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
   row = json.loads(result.stdout.strip().splitlines()[-1])[0]
   row[1] += ', glibc malloc (as most users run it)'
@@ -435,12 +423,12 @@ def main(argv=None) -> None:
   if args.steps < 1 or args.batch < 0:
     _fail(f'--steps={args.steps} --batch={args.batch}: steps must be >= 1 and batch >= 0 '
           "(0: the mode's default)")
-  _preload_allocator(args.allocator)
+  os.environ.setdefault(allocator.ENV, args.allocator)
+  allocator.preload_and_reexec()
   _pin_threads(args.threads)
   import torch
   torch.set_num_threads(args.threads)
   torch.set_flush_denormal(not args.no_flush)
-  sys.path.insert(0, str(REPO))
   import jax
   if jax.devices()[0].platform != 'cpu' and args.sides == 'both':
     args.sides = 'ours'  # HF runs on CPU here: a CPU-vs-accelerator ratio would mean nothing

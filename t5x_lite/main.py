@@ -27,7 +27,12 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import jax
+from t5x_lite import allocator
+
+if __name__ == '__main__':
+  allocator.preload_and_reexec()  # before jax starts: the allocator is chosen at exec
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
@@ -165,7 +170,7 @@ def info(config: ml_collections.ConfigDict) -> None:
     print(f'  {name:<24} {count:>16,}')
   print(f'  {"total":<24} {total:>16,}')
   print(f'float32 size: {total * 4 / 2**30:.2f} GiB; devices: {jax.device_count()} '
-        f'x {jax.devices()[0].platform}')
+        f'x {jax.devices()[0].platform}; allocator: {allocator.loaded()}')
 
 
 def info_and_plan(config: ml_collections.ConfigDict) -> None:
@@ -492,6 +497,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
+  allocator.preload_and_reexec()
   app.run(main, flags_parser=parse_flags)
 
 
