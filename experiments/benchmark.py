@@ -11,8 +11,8 @@ Both sides get the same weights (ours, exported with `t5x_lite.hf`: T5 untied as
 so both have the same parameters), the same cores (`--threads`, default 2, pinned with
 sched_setaffinity), denormals flushed (XLA flushes on its own; torch needs
 `set_flush_denormal`) and the same allocator: the script re-executes itself with the one the
-CLI uses (t5x_lite/allocator.py: tcmalloc when found, else glibc malloc with huge pages;
-`--allocator` picks another). Warm-up (compilation, HF's first call) is timed apart; the timed steps
+CLI uses (t5x_lite/runtime.py: tcmalloc when found, else glibc malloc with huge pages;
+`--allocator` picks another); our side also runs with the CLI's XLA:CPU flags. Warm-up (compilation, HF's first call) is timed apart; the timed steps
 alternate ours, HF, ours, HF so machine noise hits both. Train rows give tokens/s and the model
 FLOP/s (MaxText's per-token formula) against a float32 matmul of the same framework measured in
 the same run; decode rows give new tokens/s, the time per token-step ((a call generating N
@@ -42,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from t5x_lite import allocator
+from t5x_lite import runtime
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 OUT = REPO / 'experiments' / 'benchmarks.md'
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=10, help='timed steps (calls) per side')
   parser.add_argument('--threads', type=int, default=2, help='cores for each side')
   parser.add_argument('--allocator', default='auto',
-                      help="as the CLI's T5X_LITE_ALLOCATOR (t5x_lite/allocator.py): 'auto', "
+                      help="as the CLI's T5X_LITE_ALLOCATOR (t5x_lite/runtime.py): 'auto', "
                       "'tcmalloc', 'glibc', 'system', or a library to preload")
   parser.add_argument('--sides', choices=('both', 'ours', 'hf'), default='both')
   parser.add_argument('--no_flush', action='store_true', help='HF: leave denormals on')
@@ -337,7 +337,7 @@ def measure_machine(args: argparse.Namespace, weight_bytes: float, rows: int) ->
       f'{hardware.cpu_model()} ({os.cpu_count()} cores; flags: '
       f'{" ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)}), '
       f'{jax.devices()[0].device_kind}; {args.threads} threads per side; allocator '
-      f'{allocator.loaded()}; Python '
+      f'{runtime.loaded()}; Python '
       f'{platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, '
       f'torch {torch.__version__}, transformers {transformers.__version__}. Same run: float32 '
       f'{size}³ matmul {jax_peak / 1e9:,.1f} GFLOP/s in JAX, {torch_peak / 1e9:,.1f} in torch; '
@@ -388,7 +388,7 @@ def side_rows(sides: list[Side], args: argparse.Namespace, work: Workload, machi
 def reference_row(args: argparse.Namespace) -> list[str]:
   """HF as most users run it: its own process, denormals on, glibc malloc."""
   env = {k: v for k, v in os.environ.items()
-         if k not in ('LD_PRELOAD', 'GLIBC_TUNABLES', allocator.ENV, allocator.LOADED)}
+         if k not in ('LD_PRELOAD', 'GLIBC_TUNABLES', runtime.ENV, runtime.LOADED)}
   command = [sys.executable, __file__, f'--mode={args.mode}', f'--shape={args.shape}',
              f'--batch={args.batch}', f'--steps={args.steps}', f'--threads={args.threads}',
              '--allocator=system', '--sides=hf', '--no_flush', '--no_reference', '--json']
@@ -423,8 +423,8 @@ def main(argv=None) -> None:
   if args.steps < 1 or args.batch < 0:
     _fail(f'--steps={args.steps} --batch={args.batch}: steps must be >= 1 and batch >= 0 '
           "(0: the mode's default)")
-  os.environ.setdefault(allocator.ENV, args.allocator)
-  allocator.preload_and_reexec()
+  os.environ.setdefault(runtime.ENV, args.allocator)
+  runtime.configure()
   _pin_threads(args.threads)
   import torch
   torch.set_num_threads(args.threads)

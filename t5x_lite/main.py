@@ -27,10 +27,10 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from t5x_lite import allocator
+from t5x_lite import runtime
 
 if __name__ == '__main__':
-  allocator.preload_and_reexec()  # before jax starts: the allocator is chosen at exec
+  runtime.configure()  # before jax starts: XLA flags and the allocator are read at start
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
@@ -170,7 +170,7 @@ def info(config: ml_collections.ConfigDict) -> None:
     print(f'  {name:<24} {count:>16,}')
   print(f'  {"total":<24} {total:>16,}')
   print(f'float32 size: {total * 4 / 2**30:.2f} GiB; devices: {jax.device_count()} '
-        f'x {jax.devices()[0].platform}; allocator: {allocator.loaded()}')
+        f'x {jax.devices()[0].platform}; allocator: {runtime.loaded()}')
 
 
 def info_and_plan(config: ml_collections.ConfigDict) -> None:
@@ -497,7 +497,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  allocator.preload_and_reexec()
+  runtime.configure()
   app.run(main, flags_parser=parse_flags)
 
 

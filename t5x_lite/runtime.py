@@ -1,4 +1,4 @@
-"""A caching memory allocator for the whole process, chosen before it starts.
+"""Process settings the CLI chooses before jax starts: a caching allocator and XLA:CPU flags.
 
 XLA:CPU allocates and frees its large buffers (the logits alone can be hundreds of MB) every
 step; glibc malloc hands them back to the kernel and takes them again, which costs the
@@ -11,6 +11,11 @@ transparent huge pages), 'tcmalloc', 'glibc' (huge pages: half the kernel time o
 default), 'system' (nothing changed), or the path of a shared library to preload. tcmalloc is
 found where the system keeps it (Debian: apt-get install libtcmalloc-minimal4) or in the
 virtualenv, where `run.sh` unpacks Debian's package when it can.
+
+On CPU, XLA's YNNPACK fusions of elementwise ops and reductions (besides dots) and 512-bit
+vectors on AVX-512 machines take 7-11% off the benchmark train steps (experiments/
+benchmarks.md, "what we tried"); they are added to XLA_FLAGS unless it sets them already, or
+`T5X_LITE_XLA_CPU_FLAGS=none`.
 """
 
 import ctypes.util
@@ -19,6 +24,7 @@ import pathlib
 import sys
 
 ENV = 'T5X_LITE_ALLOCATOR'
+XLA_ENV = 'T5X_LITE_XLA_CPU_FLAGS'
 LOADED = 'T5X_LITE_ALLOCATORLOADED'  # set in the re-executed process: never loop
 _GLIBC_HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 CHOICES = ('auto', 'tcmalloc', 'glibc', 'system')
@@ -52,11 +58,32 @@ def environment(choice: str) -> dict[str, str]:
   return {'GLIBC_TUNABLES': tunables, LOADED: 'glibc (huge pages)'}
 
 
-def preload_and_reexec() -> None:
-  """Re-executes this process once with the chosen allocator (see the module docstring).
+def _avx512() -> bool:
+  try:
+    return ' avx512f' in pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return False
 
-  A no-op outside Linux, in the re-executed process, and for `T5X_LITE_ALLOCATOR=system`.
+
+def xla_cpu_flags(xla_flags: str) -> str:
+  """`xla_flags` plus our XLA:CPU defaults for the flags it does not set."""
+  ours = {'--xla_cpu_experimental_ynn_fusion_type': 'dot,eltwise,reduce'}
+  if _avx512():
+    ours['--xla_cpu_prefer_vector_width'] = '512'
+  given = {flag.split('=')[0] for flag in xla_flags.split()}
+  added = [f'{flag}={value}' for flag, value in ours.items() if flag not in given]
+  return ' '.join([xla_flags, *added]).strip()
+
+
+def configure() -> None:
+  """Sets the XLA:CPU flags and re-executes this process once with the chosen allocator
+  (see the module docstring); call it before jax starts its backend.
+
+  The re-execution is skipped outside Linux, in the re-executed process, and for
+  `T5X_LITE_ALLOCATOR=system`.
   """
+  if os.environ.get(XLA_ENV, 'auto') != 'none':
+    os.environ['XLA_FLAGS'] = xla_cpu_flags(os.environ.get('XLA_FLAGS', ''))
   if not sys.platform.startswith('linux') or os.environ.get(LOADED):
     return
   try:
