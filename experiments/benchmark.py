@@ -50,7 +50,7 @@ MODES = ('train_t5', 'train_decoder', 'greedy', 'beam')
 COLUMNS = ('side', 'settings', 'min tok/s', 'median tok/s', 'ours/HF (median of pairs)',
            'compile or first call (s)', 'model GFLOP/s (% of own matmul)',
            'ms per token-step', 'floor ms per step', 'fixed ms per call', 'sys s per step',
-           'process peak RSS (GiB)')
+           'step spread (max/min)', 'process peak RSS (GiB)')
 # mode -> (config file, batch, encoder or prompt length, target length / new tokens) per shape
 SHAPES = {
     'real': {'train_t5': ('t5_1_1_small', 8, 256, 64), 'train_decoder': ('decoder_100m', 8, 0, 320),
@@ -179,10 +179,15 @@ class Workload:
     model = cls(config)
     state = {k: torch.from_numpy(v) for k, v in hf.params_to_hf(params, self.model_config).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith('embed_tokens.weight') for k in missing):
+    # Tied copies are not exported: T5's embed_tokens are `shared`, a tied Llama's lm_head is
+    # its embed_tokens; tie_weights() points them at the loaded tensor.
+    tied = ('embed_tokens.weight', 'lm_head.weight')
+    if unexpected or any(not k.endswith(tied) for k in missing):
       raise RuntimeError(f'HF weights do not match: missing {missing}, unexpected {unexpected}')
-    if self.model_config.architecture == 'encoder_decoder':
-      model.tie_weights()  # the encoder's and decoder's embed_tokens are `shared`
+    model.tie_weights()
+    if 'lm_head.weight' in missing and not torch.equal(model.lm_head.weight,
+                                                       model.model.embed_tokens.weight):
+      raise RuntimeError('HF lm_head is missing and not tied to the embedding')
     return model
 
 
@@ -381,7 +386,8 @@ def side_rows(sides: list[Side], args: argparse.Namespace, work: Workload, machi
         _cell(ratio if side.name == 'ours' else None, '.2f'),
         f'{side.warmup_seconds:.2f}', achieved or '—', _cell(step_ms, '.2f'),
         _cell(floor_ms, '.2f'), _cell(fixed_ms, '.1f'),
-        f'{statistics.median(side.system):.3f}', f'{peak_rss:.2f}'])
+        f'{statistics.median(side.system):.3f}', f'{max(main) / min(main):.2f}',
+        f'{peak_rss:.2f}'])
   return rows
 
 
@@ -398,8 +404,22 @@ def reference_row(args: argparse.Namespace) -> list[str]:
   return row
 
 
+def planner_check(work: Workload, measured_seconds: float) -> str:
+  """The planner's step time and bytes for this config on this machine, against the
+  measured step and XLA's memory_analysis()."""
+  from t5x_lite import planner
+  result = planner.plan(work.config)  # this machine: bytes from XLA, time at CPU_MFU
+  formulas = planner.formula_memory(work.config, result.mesh)
+  return (f'Planner (`info --plan`): {result.step_seconds:.3g} s per step predicted at '
+          f'{result.mfu:.0%} of {result.peak_flops / 1e9:,.0f} GFLOP/s, {measured_seconds:.3g} s '
+          f'measured (measured / predicted {measured_seconds / result.step_seconds:.2f}); '
+          f'bytes per device by formulas {formulas.total / 2**30:.3g} GiB vs '
+          f'{result.memory.total / 2**30:.3g} GiB from XLA memory_analysis() '
+          f'({formulas.total / result.memory.total:.2f}).')
+
+
 def write_table(rows: list[list[str]], args: argparse.Namespace, machine: Machine,
-                work: Workload) -> None:
+                work: Workload, notes: str = '') -> None:
   shape = (f'batch {work.batch} x ({work.source_len} -> {work.target_len})'
            if work.source_len else f'batch {work.batch} x {work.target_len}')
   command = ' '.join(['python experiments/benchmark.py', *sys.argv[1:]])
@@ -409,6 +429,8 @@ def write_table(rows: list[list[str]], args: argparse.Namespace, machine: Machin
       f'`{command}`: {args.steps} timed steps per side, interleaved. {machine.description}', '',
       '| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS),
       *('| ' + ' | '.join(row) + ' |' for row in rows)]
+  if notes:
+    lines += ['', notes]
   out = pathlib.Path(args.out)
   if not out.exists():
     lines = ['# Ours vs Hugging Face PyTorch on the same cores',
@@ -446,9 +468,12 @@ def main(argv=None) -> None:
   if args.json:
     print(json.dumps(rows))
     return
+  notes = ''
+  if args.mode.startswith('train') and args.sides != 'hf':
+    notes = planner_check(work, statistics.median(sides[0].times['main']))
   if not args.no_reference and args.sides == 'both':
     rows.append(reference_row(args))
-  write_table(rows, args, machine, work)
+  write_table(rows, args, machine, work, notes)
 
 
 if __name__ == '__main__':
