@@ -263,6 +263,9 @@ def _top_k(x: Array, k: int) -> tuple[Array, Array]:
                        out_specs=spec)(x)
 
 
+_BEAM_INVARIANT = ("['cross_key']", "['cross_value']")  # cache leaves equal across beams
+
+
 def _take_beams(x: Array, index: Array) -> Array:
   """x [b, beams, ...], index int [b, m] -> [b, m, ...]: per example, beams `index[i]`."""
   return jax.vmap(lambda rows, i: rows[i])(x, index)
@@ -271,16 +274,17 @@ def _take_beams(x: Array, index: Array) -> Array:
 def _reorder_cache(cache: Cache, parents: Array) -> Cache:
   """Beam j of example i takes the cache of its parent beam `parents[i, j]`; the cache's rows
   are [b * k] with the k beams of an example adjacent. A per-example gather (not a global
-  one along axis 0) keeps the batch sharding."""
+  one along axis 0) keeps the batch sharding. The encoder's keys and values are the same
+  for every beam of an example: they are not copied."""
   num_beams = parents.shape[1]
 
-  def gather(x):
-    if not jnp.ndim(x):
+  def gather(path, x):
+    if not jnp.ndim(x) or jax.tree_util.keystr(path[-1:]) in _BEAM_INVARIANT:
       return x
     grouped = x.reshape((-1, num_beams) + x.shape[1:])
     return _take_beams(grouped, parents).reshape(x.shape)
 
-  return jax.tree.map(gather, cache)
+  return jax.tree_util.tree_map_with_path(gather, cache)
 
 
 def _generated(tokens: Array, lengths: Array, n: int) -> Array:

@@ -50,7 +50,7 @@ _DEVICE_KINDS = (
     ('v5 lite', 'v5e'), ('v5e', 'v5e'), ('v5p', 'v5p'), ('v6 lite', 'v6e'), ('v6e', 'v6e'),
     ('tpu v4', 'v4'), ('tpu v5', 'v5p'), ('a100', 'a100'), ('h100', 'h100'), ('h200', 'h200'))
 
-_CACHE_FILE = 'cpu_peak_flops.json'
+_CACHE_FILE = 'cpu_matmul_2048.json'  # renamed when the measurement changes
 
 
 def chip_for_device_kind(device_kind: str) -> Chip | None:
@@ -103,7 +103,7 @@ def _median_seconds(fn, *args, repeats: int) -> float:
   return sorted(times)[len(times) // 2]
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5,
+def measure_matmul_flops(size: int = 2048, repeats: int = 5,
                          dtype: jnp.dtype = jnp.float32) -> float:
   """FLOP/s of a jitted square matmul of `size` on the default device (median of repeats)."""
   a = jnp.ones((size, size), dtype)

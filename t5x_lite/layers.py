@@ -240,49 +240,58 @@ class Attention(nn.Module):
     query_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
     q = dense((self.num_heads, self.head_dim), ('embed', 'heads', 'kv'), 'query',
               init_scale=query_scale)(inputs_q)
-    kv_shape = (self.num_kv_heads, self.head_dim)
     step = self.decode and self.has_variable('cache', 'cache_index')
-    if step and self.is_cross:
-      k, v = self.get_variable('cache', 'cross_key'), self.get_variable('cache', 'cross_value')
-    else:
-      k = dense(kv_shape, ('embed', 'kv_heads', 'kv'), 'key')(inputs_kv)
-      v = dense(kv_shape, ('embed', 'kv_heads', 'kv'), 'value')(inputs_kv)
+    cached_cross = step and self.is_cross  # keys and values of the encoder, in the cache
     if step and not self.is_cross:
       query_positions = key_positions = self.get_variable('cache', 'cache_index')[:, None]
     if self.rope_theta is not None:
       q = apply_rope(q, query_positions, self.rope_theta)
-      if not (step and self.is_cross):
-        k = apply_rope(k, key_positions, self.rope_theta)
-    if self.decode:
-      k, v, bias = self._use_cache(k, v, bias, step)
     if self.scale_logits:
       q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
     q = constrain(q, ('batch', 'length', 'heads', 'kv'))
-    k = constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
-    v = constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
+    k = v = None
+    if not cached_cross:
+      kv_shape = (self.num_kv_heads, self.head_dim)
+      k = dense(kv_shape, ('embed', 'kv_heads', 'kv'), 'key')(inputs_kv)
+      v = dense(kv_shape, ('embed', 'kv_heads', 'kv'), 'value')(inputs_kv)
+      if self.rope_theta is not None:
+        k = apply_rope(k, key_positions, self.rope_theta)
+      k = constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
+      v = constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
+    key_layout = value_layout = 'bkhd'
+    if self.decode:
+      # The cache holds keys as [b, kv_heads, kv, length] and values as [b, kv_heads, length,
+      # kv], the layouts the products below read: else XLA transposes the whole cache of
+      # every layer at every step.
+      if not cached_cross:
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+      k, v, bias = self._use_cache(k, v, bias, step)
+      key_layout, value_layout = 'bhdk', 'bhkd'
 
     batch, q_len, _, _ = q.shape
     groups = self.num_heads // self.num_kv_heads  # query head i reads kv head i // groups
     q = q.reshape(batch, q_len, self.num_kv_heads, groups, self.head_dim)
-    logits = jnp.einsum('bqhgd,bkhd->bhgqk', q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f'bqhgd,{key_layout}->bhgqk', q, k, preferred_element_type=jnp.float32)
     logits = logits.reshape(batch, self.num_heads, q_len, -1) + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=self.deterministic)
     weights = weights.reshape(batch, self.num_kv_heads, groups, q_len, -1)
-    out = jnp.einsum('bhgqk,bkhd->bqhgd', weights, v)
+    out = jnp.einsum(f'bhgqk,{value_layout}->bqhgd', weights, v)
     out = constrain(out.reshape(batch, q_len, self.num_heads, self.head_dim),
                     ('batch', 'length', 'heads', 'kv'))
     return dense(inputs_q.shape[-1], ('heads', 'kv', 'embed'), 'out', num_in_axes=2)(out)
 
   def _use_cache(self, k: Array, v: Array, bias: Array, step: bool
                  ) -> tuple[Array, Array, Array]:
-    """Creates the cache (first call) or writes one step into it; returns the keys,
-    values and bias to attend with."""
+    """Creates the cache (first call) or writes one step into it; returns the keys
+    [b, kv_heads, kv, length], values [b, kv_heads, length, kv] and bias to attend with."""
     if self.is_cross:
-      if not step:
-        self.put_variable('cache', 'cross_key', k)
-        self.put_variable('cache', 'cross_value', v)
-        self.put_variable('cache', 'cache_index', jnp.zeros(k.shape[:1], jnp.int32))
+      if step:
+        return self.get_variable('cache', 'cross_key'), self.get_variable(
+            'cache', 'cross_value'), bias
+      self.put_variable('cache', 'cross_key', k)
+      self.put_variable('cache', 'cross_value', v)
+      self.put_variable('cache', 'cache_index', jnp.zeros(k.shape[:1], jnp.int32))
       return k, v, bias
     cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
@@ -290,10 +299,10 @@ class Attention(nn.Module):
     if not step:
       return k, v, bias
     i = index.value[0]  # every row decodes in lockstep
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, 0, i))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, i, 0))
     index.value = index.value + 1
-    length = cached_k.value.shape[1]
+    length = cached_k.value.shape[-1]
     row = jax.lax.dynamic_slice_in_dim(
         jnp.broadcast_to(bias, bias.shape[:-2] + (length, length)), i, 1, axis=-2)
     visible = jnp.arange(length) <= i  # keys written so far
