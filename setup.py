@@ -38,5 +38,5 @@ setuptools.setup(
         'tpu': ['jax[tpu]>=0.4.35'],
         'gpu': ['jax[cuda12]>=0.4.35'],
     },
-    entry_points={'console_scripts': ['t5x_lite=t5x_lite.main:run']},
+    entry_points={'console_scripts': ['t5x_lite=t5x_lite.main:console']},
 )

@@ -496,9 +496,14 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  """Console-script entry point."""
-  runtime.configure()
+  """Runs the CLI in this process (the module's entry point; tests call it too)."""
   app.run(main, flags_parser=parse_flags)
+
+
+def console() -> None:
+  """The `t5x_lite` console script: the process settings first (runtime.py), then the CLI."""
+  runtime.configure()
+  run()
 
 
 if __name__ == '__main__':
