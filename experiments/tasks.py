@@ -138,9 +138,9 @@ def table_rows(workdir: str, trials: list[sweeps.Trial]) -> tuple[list[dict], li
     row = sweeps.trial_row(os.path.join(workdir, trial.name), trial.overrides)
     params = models.count_params(models.param_shapes(config_lib.model_config(trial.config)))
     runs.append({'task': task, 'architecture': architecture, 'params': params,
-                   'steps': row['steps'], 'train_loss': row['train_loss'],
-                   'wall_time_s': row['wall_time_s'], 'tokens_per_s': row['tokens_per_s'],
-                   'status': row['status']})
+                 'steps': row['steps'], 'train_loss': row['train_loss'],
+                 'wall_time_s': _rounded(row['wall_time_s']),
+                 'tokens_per_s': _rounded(row['tokens_per_s']), 'status': row['status']})
     by_task.setdefault(task, {})[architecture] = (row, _evaluated(
         os.path.join(workdir, trial.name), task))
   runs.sort(key=lambda r: (list(TASKS).index(r['task']), list(ARCHITECTURES).index(
@@ -162,10 +162,16 @@ def table_rows(workdir: str, trials: list[sweeps.Trial]) -> tuple[list[dict], li
   return metrics, runs
 
 
+def _rounded(value: float | None) -> int | None:
+  return None if value is None else round(value)
+
+
 def _cell(value) -> str:
   if value is None:
     return ''
-  return f'{value:.2f}' if isinstance(value, float) else str(value)
+  if isinstance(value, float):
+    return f'{value:.2f}'
+  return f'{value:,}' if isinstance(value, int) else str(value)
 
 
 def _markdown(rows: list[dict], columns: list[str]) -> list[str]:
