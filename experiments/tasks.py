@@ -10,24 +10,26 @@ alone are an ordinary sweep (`python -m t5x_lite.main sweep --sweep=experiments/
 --workdir=runs/tasks --parallel=2`); `--report_only` rebuilds the report from finished
 trials. Re-running resumes unfinished trials.
 
-The recipe (chosen to fit 25 minutes on 2 cores with --parallel=2; timing in
-experiments/tasks.md):
+The recipe, chosen to fit 25 minutes on 2 cores with --parallel=2 (about 20 minutes on an
+idle machine, estimated from each trial's measured CPU time: experiments/tasks.md):
 * model: the quickstart's T5.1.1 (d_model 128, 2+2 layers, 2 heads of 64, d_ff 512,
   vocabulary 8,192, bfloat16 activations), from scratch: no pre-trained checkpoint exists
   offline, so "fine-tuning" here is training on each task alone;
 * decoder-only: the same T5.1.1 layers (relative position bias, gated GELU) as a 2-layer
-  prefix-LM over inputs + targets (converter 'prefix_lm': bidirectional over the input),
-  the T5 paper's prefix-LM row (about the enc-dec's FLOPs per example; here about its
-  parameter count too, since the embeddings dominate), on translate_en_de,
-  summarize_debian and classify_debian_section: one task of each output kind (translation,
-  summary, class label), the three the T5 paper's Table 2 (experiments/t5_table2.py) uses;
-  en→fr / en→zh would repeat translation and sentiment_rt would repeat classification;
-* STEPS Adafactor steps of 32 packed rows, learning rate 0.08 (best train loss at 200 steps
+  prefix-LM over inputs + targets (converter 'prefix_lm': bidirectional over the input):
+  the T5 paper's prefix-LM row, L layers against the encoder-decoder's L + L (2.6M against
+  3.3M parameters here, the embeddings dominating; its layers do about the same work per
+  example, but logits over the input positions make its steps 1.3-2x dearer). It runs on
+  translate_en_de, summarize_debian and classify_debian_section: one task of each output
+  kind (translation, summary, class label), the three of the T5 paper's Table 2
+  (experiments/t5_table2.py); en→fr and en→zh would repeat translation, sentiment_rt
+  classification;
+* 200 Adafactor steps of 32 packed rows, learning rate 0.08 (best train loss at 200 steps
   in experiments/lr_size.py), cosine decay after 10% warmup;
-* per-task feature lengths (about the 90-99th percentile of the train split's tokens; the
-  shipped English/German vocabulary spells French and Chinese in many pieces, so their
-  targets get 128), greedy decoding of the first `num_examples` test examples (classification
-  too: the label is decoded, as in T5);
+* per-task feature lengths from the train split's token counts (Debian descriptions are cut
+  to their first 128 tokens; the shipped English/German vocabulary spells French and Chinese
+  in many pieces, so their targets get 128), greedy decoding of the first `num_examples`
+  test examples (classification too: the label is decoded, as in T5);
 * baselines on the same test examples, computed from the data: the input without its task
   prefix for generation tasks (`eval_commands.copy_input_baseline`), the training split's
   most frequent label for classification (`eval_commands.majority_class_baseline`).
@@ -217,11 +219,15 @@ def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', default='runs/tasks')
   parser.add_argument('--parallel', type=int, default=2)
-  parser.add_argument('--report_only', action='store_true')
+  parser.add_argument('--report_only', action='store_true',
+                      help='tabulate finished trials without running any')
+  parser.add_argument('--dry_run', action='store_true', help="print the trials' commands")
   args = parser.parse_args(argv)
-  start, path = time.time(), os.path.abspath(__file__)
-  code = sweeps.run_sweep(path, args.workdir, parallel=args.parallel,
+  start, path = time.time(), os.path.relpath(__file__)
+  code = sweeps.run_sweep(path, args.workdir, parallel=args.parallel, dry_run=args.dry_run,
                           report_only=args.report_only)
+  if args.dry_run:
+    return code
   wall = None if args.report_only else (time.time() - start) / 60
   print(write_report(args.workdir, sweeps.make_trials(path), wall))
   return code
