@@ -6,8 +6,12 @@
   run_infer / run_score / run_eval  predictions, log-likelihoods or metrics of the eval split,
                                   written to the workdir (eval also beside a copy-the-input
                                   baseline, with sample rows)
+  copy_input_baseline /           trivial baselines beside the metrics: copy the input
+  majority_class_baseline         (generation), the training split's commonest label
+                                  (classification)
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -197,6 +201,30 @@ def copy_input_baseline(task: tasks.Task, rows: Sequence[Mapping[str, str]]) -> 
     return {}
   scores = task.score([r['target'] for r in rows], [strip_task_prefix(r['input']) for r in rows])
   return {k: float(v) for k, v in scores.items()}
+
+
+def majority_label(task: tasks.Task, split: str = 'train') -> str:
+  """The most frequent target text of `split` (after the task's prompt template and its
+  postprocess_fn; a tie goes to the label first in sorted order): what a majority-class
+  baseline predicts. Read from the training split, so it never peeks at evaluation labels."""
+  text_steps, _ = tasks.split_at_tokenize(task)
+  text_task = dataclasses.replace(task, preprocessors=tuple(text_steps))
+  source = task.source(split)
+  labels = collections.Counter(
+      (task.postprocess_fn or str)(example['targets'])
+      for example in (text_task.preprocess(source[i]) for i in range(len(source))) if example)
+  if not labels:
+    raise ValueError(f'split {split!r} of task {task.name} has no examples to take a majority '
+                     'label from')
+  return min(labels, key=lambda label: (-labels[label], label))
+
+
+def majority_class_baseline(task: tasks.Task, rows: Sequence[Mapping[str, str]],
+                            label: str) -> dict[str, float]:
+  """The task's metrics on `rows` ({'target': text}) when every prediction is `label`
+  (e.g. `majority_label(task)`): the floor a classifier must clear."""
+  return {k: float(v) for k, v in
+          task.score([r['target'] for r in rows], [label] * len(rows)).items()}
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, num_samples: int = 5

@@ -1,5 +1,6 @@
-"""Tests for t5x_lite.eval_commands: the copy-input baseline, loading a workdir's params,
-and the eval / infer / score commands end to end.
+"""Tests for t5x_lite.eval_commands: the copy-input and majority-class baselines, few-shot
+rank classification as a run config asks for it, loading a workdir's params, and the eval /
+infer / score commands end to end.
 
 The end-to-end test trains the tiny T5.1.1 for a few steps through the real CLI (evaluating
 during training), then runs infer / score / eval and the bad-input cases on its workdir.
@@ -14,12 +15,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+import sacrebleu
 
-from t5x_lite import checkpoints, eval_commands, models
+from t5x_lite import checkpoints, eval_commands, evaluation, metrics, models, presets
 from t5x_lite import config as config_lib
-from t5x_lite.data import tasks
+from t5x_lite.data import preprocessors, sources, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +48,81 @@ def test_copy_input_baseline_scores_the_input_without_its_task_prefix():
           {'input': 'sentiment: negative', 'target': 'positive'}]
   baseline = eval_commands.copy_input_baseline(task, rows)
   assert baseline['accuracy'] == pytest.approx(50.0)
+
+
+def test_copy_input_bleu_is_sacrebleu_of_the_inputs_without_their_prefix():
+  rows = [{'input': 'translate English to German: Click OK.', 'target': 'Klicken Sie OK.'},
+          {'input': 'translate English to German: Writer', 'target': 'Writer'}]
+  expected = sacrebleu.corpus_bleu(['Click OK.', 'Writer'], [['Klicken Sie OK.', 'Writer']],
+                                  tokenize='intl')  # T5's setting
+  baseline = eval_commands.copy_input_baseline(tasks.get('translate_en_de'), rows)
+  assert baseline['bleu'] == pytest.approx(expected.score)
+
+
+def _label_task(train_labels):
+  """A classification task over in-memory rows whose labels normalise as sentiment_rt's."""
+  rows = {'train': [{'text': f'review {i}', 'label': label}
+                    for i, label in enumerate(train_labels)]}
+  return tasks.Task(
+      'toy_labels', lambda split: sources.InMemorySource(rows[split]),
+      (preprocessors.classify('toy', 'text', 'label'), preprocessors.tokenize,
+       preprocessors.append_eos),
+      tasks.seq2seq_features(), (metrics.accuracy, metrics.macro_f1), tasks.normalize_label)
+
+
+def test_majority_class_baseline_predicts_the_commonest_training_label():
+  # 'b' and 'c' occur twice each after normalisation ('B', 'b ', ...): the tie goes to 'b'.
+  task = _label_task(['B', 'a', 'b ', 'c', 'C'])
+  assert eval_commands.majority_label(task) == 'b'
+  assert eval_commands.majority_label(_label_task(['a', 'c', 'c'])) == 'c'
+  rows = [{'target': 'b'}, {'target': 'a'}, {'target': 'b'}, {'target': 'c'}]
+  baseline = eval_commands.majority_class_baseline(task, rows, 'b')
+  assert baseline['accuracy'] == pytest.approx(50.0)
+  # Per class F1 over the targets' classes: b 2*2/(2*2+2+0) = 2/3, a 0, c 0.
+  assert baseline['macro_f1'] == pytest.approx(100 * (2 / 3) / 3)
+
+
+def test_few_shot_rank_classification_from_config_scores_labels_causally():
+  """eval.few_shot_k + eval.candidates on a causal LM (converter 'lm'): each input is
+  few_shot_prompt's k-shot prompt, and each label's score is the summed log-prob of its
+  tokens and EOS from one causal forward pass over [start, prompt, label, EOS]."""
+  config = presets.get('decoder_tiny')
+  config.model.update(vocab_size=8192, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64)
+  config.data.update(task='sentiment_rt', converter='lm')
+  config.data.feature_lengths = ml_collections.ConfigDict({'inputs': 400, 'targets': 4})
+  config.eval.update(split='validation', num_examples=3, batch_size=4, few_shot_k=2, seed=3,
+                     candidates='positive, negative')
+  model = models.build_model(config_lib.model_config(config))
+  params = models.init_params(model.config, jax.random.key(5))
+  evaluator = eval_commands.evaluator_from_config(config, model)
+
+  task = tasks.get('sentiment_rt')
+  train, validation = task.source('train'), task.source('validation')
+  shots = [{'inputs': f'sentiment: {train[i]["text"]}', 'targets': train[i]['label']}
+           for i in range(1000)]
+  vocabulary = task.output_features['targets'].vocabulary
+  options = [np.array(vocabulary.encode(label) + [vocabulary.eos_id], np.int32)
+             for label in ('positive', 'negative')]
+  forward = jax.jit(lambda x, y: model.apply({'params': params}, x, y))
+  expected = np.zeros((3, 2))
+  for i, example in enumerate(evaluator.examples):
+    prompt = preprocessors.few_shot_prompt(f'sentiment: {validation[i]["text"]}', shots, k=2,
+                                           seed=3)
+    assert example['inputs_pretokenized'] == prompt and len(example['inputs']) <= 400
+    for j, option in enumerate(options):
+      tokens = np.concatenate([example['inputs'], option])
+      # Right-padded to one length (one compilation); causal, so padding changes nothing.
+      targets = np.pad(tokens, (0, 404 - len(tokens)))
+      logits = np.asarray(forward(np.concatenate([[0], targets[:-1]])[None], targets[None]),
+                          np.float64)[0]
+      log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+      start = len(example['inputs'])
+      expected[i, j] = sum(log_probs[start + t, token] for t, token in enumerate(option))
+
+  _, scores = evaluation.rank_classification(model, params, evaluator.builder,
+                                             evaluator.examples, [options] * 3)
+  np.testing.assert_allclose(scores, expected, rtol=1e-4)
+  assert evaluator.predict(params) == [('positive', 'negative')[j] for j in expected.argmax(1)]
 
 
 def test_load_params_errors(tmp_path):
