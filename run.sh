@@ -32,7 +32,8 @@ tcmalloc() {  # the allocator the CLI re-executes itself with (t5x_lite/allocato
   if (cd "$tmp" && apt-get download -qq libtcmalloc-minimal4) >/dev/null 2>&1 \
       && dpkg-deb -x "$tmp"/libtcmalloc-minimal4_*.deb "$tmp/root"; then
     mkdir -p .venv/lib/tcmalloc
-    cp -L "$tmp"/root/usr/lib/*/libtcmalloc_minimal.so.4 .venv/lib/tcmalloc/
+    cp -L "$tmp"/root/usr/lib/*/libtcmalloc_minimal.so.4 .venv/lib/tcmalloc/ 2>/dev/null \
+        || rm -rf .venv/lib/tcmalloc
   fi
   rm -rf "$tmp"
 }
