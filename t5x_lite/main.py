@@ -51,7 +51,8 @@ _NO_TOKENIZER = flags.DEFINE_bool(
 _MESH_SHAPE = flags.DEFINE_list(
     'mesh_shape', ['1', '-1', '1'],
     'convert: the (data,fsdp,model) mesh the params are read onto, e.g. 1,-1,1.')
-_SWEEP = flags.DEFINE_string('sweep', None, 'sweep: an experiments/*.py sweep file.')
+_SWEEP = flags.DEFINE_string(
+    'sweep', None, 'sweep: an experiments/*.py sweep file (FILE.py:ARG passes ARG to it).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'sweep: local trials run at a time.')
 _REPORT_ONLY = flags.DEFINE_bool(
     'report_only', False, 'sweep: rebuild the results table and plots from the workdirs.')
