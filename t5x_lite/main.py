@@ -102,7 +102,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   for arg in argv[1:]:
     if arg.startswith('--config='):
       config_file = arg.split('=', 1)[1]
-      _check_config_file(config_file)
+      _check_config_file(sweeps.split_argument(config_file)[0])  # FILE.py[:ARG]
   try:
     return flags.FLAGS(list(argv))
   except (AttributeError, KeyError) as e:

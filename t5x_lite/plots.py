@@ -100,7 +100,8 @@ def plot_grouped_bars(panels: Mapping[str, Mapping[str, Mapping[str, tuple[float
   """Bars of mean ± std, one panel per key of `panels` ({panel: {group: {bar: (mean,
   std)}}}): a group's bars side by side, each bar label in one colour across panels."""
   bars = list(dict.fromkeys(b for groups in panels.values() for g in groups.values() for b in g))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5 * len(panels), 8), 4),
+                           squeeze=False)
   width = 0.8 / max(len(bars), 1)
   for ax, (panel, groups) in zip(axes[0], panels.items()):
     for i, bar in enumerate(bars):
