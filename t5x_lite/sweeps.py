@@ -342,8 +342,9 @@ class LocalRunner:
     self.stopping = False
     self._running: list[_Running] = []
     self.env = dict(os.environ)
-    if '://' not in os.fspath(workdir):  # a local directory
-      self.env.setdefault('JAX_COMPILATION_CACHE_DIR', os.fspath(self.workdir / 'xla_cache'))
+    if '://' not in os.fspath(workdir) and 'JAX_COMPILATION_CACHE_DIR' not in self.env:
+      self.env.update(JAX_COMPILATION_CACHE_DIR=os.fspath(self.workdir / 'xla_cache'),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')  # small programs too
 
   def trial_dir(self, trial: Trial) -> epath.Path:
     return self.workdir / trial.name
