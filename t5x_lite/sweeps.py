@@ -363,11 +363,11 @@ class LocalRunner:
           if not free or self.stopping:
             break
           ready = self._ready(trial, pending)
-          if ready is not None:
-            pending.remove(trial)
           if ready:
+            pending.remove(trial)
             self._start(trial, 'train', free.pop(0))
           elif ready is None:
+            pending.remove(trial)
             self._block(trial)
         self._reap()
         time.sleep(0.2)

@@ -77,13 +77,17 @@ def test_findings_follow_the_numbers():
         ('prefix_lm', 'lm', task): (16.5, 2.0, 3), ('prefix_lm', 'none', task): (16.0, 2.0, 3)})
   lines = table2.findings(cells)
   assert len(lines) == 5
-  assert lines[0].count('enc_dec/denoising (beyond noise)') == 3
+  assert lines[0].count(': best, beyond noise of the next') == 3
+  worse = {**cells, ('enc_dec', 'denoising', 'translate_en_de'): (24.0, 0.5, 3)}
+  assert 'EnDe BLEU: below, beyond noise, the best (enc_dec_half/denoising)' in (
+      table2.findings(worse)[0])
   assert 'holds (better beyond seed noise in 6 of 12 comparisons, within noise in 6' in lines[1]
   assert ('not shown beyond seed noise (better beyond seed noise in 0 of 9 comparisons, '
           'within noise in 9') in lines[2]
   assert 'holds (better beyond seed noise in 9 of 9' in lines[3]
   assert 'in 12 of 24 comparisons, within noise in 12, worse in 0' in lines[4]
   assert table2._stats([1.0, 2.0, 6.0]) == (3.0, pytest.approx(2.6457513), 3)
+  assert not table2._beyond_noise((30.0, 0.0, 1), (10.0, 0.0, 1))  # one seed: noise unknown
 
 
 @pytest.mark.slow
@@ -91,7 +95,9 @@ def test_two_stage_flow_writes_the_table(tmp_path, monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per trial, as the sweep gives it
   workdir = tmp_path / 'runs'
   lines = []
-  assert sweeps.run_sweep(f'{SWEEP}:smoke', str(workdir), log=lines.append) == 0, lines
+  # Two slots: the fine-tuning trial is looked at while its pre-training runs, and waits.
+  assert sweeps.run_sweep(f'{SWEEP}:smoke', str(workdir), parallel=2,
+                          log=lines.append) == 0, lines
   pretrain, finetune = sweeps.make_trials(f'{SWEEP}:smoke', str(workdir))
   assert finetune.after == (pretrain.name,)
   assert not (workdir / pretrain.name / 'eval.log').exists()  # nothing to score
