@@ -107,7 +107,9 @@ def base_config(preset: dict[str, Any], **model_fields: Any) -> ml_collections.C
   config.data.split = 'train'  # the split trained on
   config.data.feature_lengths = ml_collections.ConfigDict({'inputs': 64, 'targets': 64})
   encoder_decoder = config.model.architecture == 'encoder_decoder'
-  config.data.converter = 'enc_dec' if encoder_decoder else 'prefix_lm'  # or 'lm' (targets only)
+  # decoder-only: 'prefix_lm' (inputs attend both ways), 'causal_lm' (causal throughout) or
+  # 'lm' (targets only)
+  config.data.converter = 'enc_dec' if encoder_decoder else 'prefix_lm'
   config.data.pack = True  # several examples per row
   config.data.truncate = True  # over-long examples: cut to the feature lengths, or dropped
   config.data.shuffle = True  # reshuffled every epoch

@@ -55,7 +55,9 @@ def make_tokens_to_logits(model: Model, params: Any, batch: Mapping[str, Array],
   Args:
     model: an EncoderDecoder or DecoderOnly.
     params: its params.
-    batch: 'encoder_input_tokens' [b, l] (encoder-decoder) or 'prompt' [b, P] (decoder-only).
+    batch: 'encoder_input_tokens' [b, l] (encoder-decoder) or 'prompt' [b, P] (decoder-only),
+      with 'decoder_causal_attention' [b, P] for a prefix-LM: those prompt positions are
+      prefilled into the cache attending both ways, as in training.
     max_decode_length: tokens to generate.
     vocab_limit: ids at and past this get no probability: a model's vocabulary is often
       padded (T5's 32128 rows for 32100 pieces) and those ids cannot be detokenized.
@@ -90,8 +92,10 @@ def make_tokens_to_logits(model: Model, params: Any, batch: Mapping[str, Array],
 
   prompt = batch['prompt']
   length = prompt.shape[1] + max_decode_length
-  zeros = jnp.zeros((prompt.shape[0], length), jnp.int32)
-  _, state = model.apply(variables, zeros, decode=True, max_decode_length=length,
+  to_length = lambda x: jnp.pad(x, ((0, 0), (0, max_decode_length)))
+  prefix = batch.get('decoder_causal_attention')
+  _, state = model.apply(variables, to_length(prompt), decode=True, max_decode_length=length,
+                         decoder_causal_attention=None if prefix is None else to_length(prefix),
                          mutable=['cache'])
 
   def lm_tokens_to_logits(ids: Array, cache: Any) -> tuple[Array, Any]:
@@ -163,7 +167,8 @@ def predict_batch(model: Model, params: Any, batch: Mapping[str, np.ndarray],
     model, params: the model and its params (sharded or not).
     batch: 'encoder_input_tokens' [b, l] for an encoder-decoder, 'prompt' [b, P] for a
       decoder-only model (right-padded with 0, starting with the model's start token;
-      see `FeatureBuilder.predict_features`).
+      a prefix-LM's with its 'decoder_causal_attention'; see
+      `FeatureBuilder.predict_features`).
     decode_config: the search.
     rng: for sampling; default key(0).
     partitioner: shard the batch over its data axes (b must divide evenly).
@@ -259,8 +264,9 @@ class FeatureBuilder:
   Attributes:
     architecture: 'encoder_decoder' or 'decoder_only'.
     feature_lengths: {'inputs': n, 'targets': m}; over-long inputs and targets are cut.
-    bidirectional_prefix: decoder-only scoring lets the inputs attend both ways (a
-      prefix-LM); False for a causal LM.
+    bidirectional_prefix: decoder-only scoring and generation let the inputs attend both
+      ways (a prefix-LM, converter 'prefix_lm'); False reads them causally (converter
+      'causal_lm').
     start_id: the decoder's first input, the model's `decoder_start_token_id` (T5's 0, or
       a tokenizer's BOS).
   """
@@ -272,7 +278,10 @@ class FeatureBuilder:
 
   @functools.cached_property
   def _converter(self) -> feature_converters.FeatureConverter:
-    name = 'enc_dec' if self.architecture == 'encoder_decoder' else 'prefix_lm'
+    if self.architecture == 'encoder_decoder':
+      name = 'enc_dec'
+    else:
+      name = 'prefix_lm' if self.bidirectional_prefix else 'causal_lm'
     return feature_converters.get_converter(name, dict(self.feature_lengths),
                                             start_id=self.start_id)
 
@@ -284,22 +293,24 @@ class FeatureBuilder:
 
   def score_features(self, example: Mapping[str, Any]) -> Batch:
     """Teacher-forcing features of {'inputs', 'targets'} token arrays."""
-    features = self._converter.convert(self._fit_inputs(
+    return self._converter.convert(self._fit_inputs(
         {'inputs': example['inputs'], 'targets': example['targets']}))
-    if not self.bidirectional_prefix:
-      features.pop('decoder_causal_attention', None)
-    return features
 
   def predict_features(self, example: Mapping[str, Any]) -> Batch:
     """What generation conditions on, right-padded with 0: the encoder tokens, or a
     decoder-only prompt of the inputs after the start token (as in the shifted-right
-    training inputs), one longer than the inputs' feature length."""
+    training inputs), one longer than the inputs' feature length; a prefix-LM's prompt
+    comes with its `decoder_causal_attention` (1 on the prompt, as in training)."""
     length = self.feature_lengths['inputs']
     inputs = np.asarray(self._fit_inputs(example)['inputs'], np.int32)[:length]
     if self.architecture == 'encoder_decoder':
       return {'encoder_input_tokens': np.pad(inputs, (0, length - len(inputs)))}
-    return {'prompt': np.pad(np.concatenate([[self.start_id], inputs]).astype(np.int32),
-                             (0, length - len(inputs)))}
+    prompt = np.concatenate([[self.start_id], inputs]).astype(np.int32)
+    features = {'prompt': np.pad(prompt, (0, length - len(inputs)))}
+    if self.bidirectional_prefix:
+      features['decoder_causal_attention'] = np.pad(np.ones_like(prompt),
+                                                    (0, length - len(inputs)))
+    return features
 
 
 def _batches(features: Sequence[Batch], batch_size: int) -> Any:

@@ -215,7 +215,9 @@ class Attention(nn.Module):
   batch first: a first call on the full-length input creates the cache (and, for
   cross-attention, stores the projected encoder keys/values once); each later call takes
   one token, writes its key/value at the cache index, and reads row `index` of the full
-  [length, length] `bias`.
+  [length, length] `bias`. A first call given `prefill` ([b, length] bool, a prefix-LM's
+  prompt positions) also stores the keys/values it computed there, where the prompt
+  attended both ways; the later calls keep those instead of writing their own.
   """
 
   num_heads: int
@@ -232,7 +234,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array | None, bias: Array,
                query_positions: Array | None = None,
-               key_positions: Array | None = None) -> Array:
+               key_positions: Array | None = None, prefill: Array | None = None) -> Array:
     """Attends `inputs_q` [b, q, embed] to `inputs_kv` [b, k, embed] with an additive
     `bias` broadcastable to [b, heads, q, k]; returns [b, q, embed]."""
     dense = lambda feats, axes, name, **kw: DenseGeneral(
@@ -265,7 +267,7 @@ class Attention(nn.Module):
       # every layer at every step.
       if not cached_cross:
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-      k, v, bias = self._use_cache(k, v, bias, step)
+      k, v, bias = self._use_cache(k, v, bias, step, prefill)
       key_layout, value_layout = 'bhdk', 'bhkd'
 
     batch, q_len, _, _ = q.shape
@@ -281,10 +283,11 @@ class Attention(nn.Module):
                     ('batch', 'length', 'heads', 'kv'))
     return dense(inputs_q.shape[-1], ('heads', 'kv', 'embed'), 'out', num_in_axes=2)(out)
 
-  def _use_cache(self, k: Array, v: Array, bias: Array, step: bool
-                 ) -> tuple[Array, Array, Array]:
-    """Creates the cache (first call) or writes one step into it; returns the keys
-    [b, kv_heads, kv, length], values [b, kv_heads, length, kv] and bias to attend with."""
+  def _use_cache(self, k: Array, v: Array, bias: Array, step: bool,
+                 prefill: Array | None = None) -> tuple[Array, Array, Array]:
+    """Creates (and maybe prefills) the cache on the first call or writes one step into it;
+    returns the keys [b, kv_heads, kv, length], values [b, kv_heads, length, kv] and bias to
+    attend with."""
     if self.is_cross:
       if step:
         return self.get_variable('cache', 'cross_key'), self.get_variable(
@@ -297,8 +300,17 @@ class Attention(nn.Module):
     cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
     index = self.variable('cache', 'cache_index', jnp.zeros, k.shape[:1], jnp.int32)
     if not step:
+      if prefill is not None:
+        cached_k.value, cached_v.value = k, v
+        self.put_variable('cache', 'prefilled', prefill.astype(bool))  # [b, length]
       return k, v, bias
     i = index.value[0]  # every row decodes in lockstep
+    if self.has_variable('cache', 'prefilled'):
+      # A prompt token forced at a prefilled position keeps the prefill's key/value: its
+      # own saw only the tokens before it, the prefill's the whole bidirectional prompt.
+      keep = self.get_variable('cache', 'prefilled')[:, i, None, None, None]
+      k = jnp.where(keep, jax.lax.dynamic_slice_in_dim(cached_k.value, i, 1, axis=3), k)
+      v = jnp.where(keep, jax.lax.dynamic_slice_in_dim(cached_v.value, i, 1, axis=2), v)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, 0, i))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, i, 0))
     index.value = index.value + 1

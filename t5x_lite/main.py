@@ -56,7 +56,8 @@ _NO_TOKENIZER = flags.DEFINE_bool(
 _MESH_SHAPE = flags.DEFINE_list(
     'mesh_shape', ['1', '-1', '1'],
     'convert: the (data,fsdp,model) mesh the params are read onto, e.g. 1,-1,1.')
-_SWEEP = flags.DEFINE_string('sweep', None, 'sweep: an experiments/*.py sweep file.')
+_SWEEP = flags.DEFINE_string(
+    'sweep', None, 'sweep: an experiments/*.py sweep file (FILE.py:ARG passes ARG to it).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'sweep: local trials run at a time.')
 _REPORT_ONLY = flags.DEFINE_bool(
     'report_only', False, 'sweep: rebuild the results table and plots from the workdirs.')
@@ -106,7 +107,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   for arg in argv[1:]:
     if arg.startswith('--config='):
       config_file = arg.split('=', 1)[1]
-      _check_config_file(config_file)
+      _check_config_file(sweeps.split_argument(config_file)[0])  # FILE.py[:ARG]
   try:
     return flags.FLAGS(list(argv))
   except (AttributeError, KeyError) as e:

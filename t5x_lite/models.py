@@ -134,8 +134,10 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, self_bias: Array, positions: Array | None,
-               encoded: Array | None = None, cross_bias: Array | None = None):
-    """x: [b, l, embed]; returns (x, None) so the block can be scanned over layers."""
+               encoded: Array | None = None, cross_bias: Array | None = None,
+               prefill: Array | None = None):
+    """x: [b, l, embed]; returns (x, None) so the block can be scanned over layers.
+    `prefill`: see `layers.Attention`."""
     cfg = self.config
     dtype = cfg.activation_dtype
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
@@ -146,7 +148,8 @@ class TransformerBlock(nn.Module):
     rope_theta = cfg.rope_theta if cfg.position_embedding == 'rope' else None
 
     h = norm('pre_self_attention_norm')(x)
-    x = x + dropout(attention('self_attention', rope_theta, False)(h, h, self_bias, positions, positions))
+    x = x + dropout(attention('self_attention', rope_theta, False)(
+        h, h, self_bias, positions, positions, prefill))
     if self.cross_attention:
       h = norm('pre_cross_attention_norm')(x)
       x = x + dropout(attention('cross_attention', None, True)(h, encoded, cross_bias))
@@ -167,7 +170,8 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x: Array, self_bias: Array, positions: Array | None,
                encoded: Array | None = None, cross_bias: Array | None = None,
-               deterministic: bool = True, decode: bool = False) -> Array:
+               deterministic: bool = True, decode: bool = False,
+               prefill: Array | None = None) -> Array:
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate)
     x = dropout(x, deterministic=deterministic)
@@ -175,7 +179,7 @@ class Stack(nn.Module):
     if cfg.remat_policy != 'none':
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
-    args = (self_bias, positions, encoded, cross_bias)
+    args = (self_bias, positions, encoded, cross_bias, prefill)
     if cfg.scan_layers:
       scanned = nn.scan(
           # The cache stacks layers on axis 1 so that every cache leaf keeps the batch first.
@@ -395,9 +399,11 @@ class DecoderOnly(_Transformer):
     mask = layers.attention_mask(valid, valid, decoder_segment_ids, decoder_segment_ids,
                                  causal=True, bidirectional_prefix=decoder_causal_attention)
     positions = _default_positions(decoder_positions, decoder_input_tokens)
+    # The cache-creating decode call of a prefix-LM prefills its prompt's keys and values.
+    prefill = decoder_causal_attention if decode else None
     y = self.decoder(self._embed_tokens(decoder_input_tokens),
                      self._self_bias(self.relpos, mask), positions, deterministic=deterministic,
-                     decode=decode)
+                     decode=decode, prefill=prefill)
     return y, query_valid
 
   def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
@@ -407,7 +413,9 @@ class DecoderOnly(_Transformer):
                deterministic: bool = True, decode: bool = False,
                max_decode_length: int | None = None) -> Array:
     """Next-token logits, float32 [b, l, vocab]; `decode` works as in
-    `EncoderDecoder.decode` (the cache's first call takes the full-length input)."""
+    `EncoderDecoder.decode` (the cache's first call takes the full-length input; given
+    `decoder_causal_attention` it also prefills the cache with that prompt, whose positions
+    then attend both ways as in training, see `layers.Attention`)."""
     y, _ = self.hidden_states(decoder_input_tokens, decoder_target_tokens,
                               decoder_segment_ids, decoder_positions,
                               decoder_causal_attention, deterministic=deterministic,

@@ -1,5 +1,5 @@
-"""Plots of runs' `metrics.jsonl` as PNGs: a run's loss curve, a sweep's loss curves and each
-metric against each swept hyperparameter."""
+"""Plots of runs' `metrics.jsonl` as PNGs: a run's loss curve, a sweep's loss curves, each
+metric against each swept hyperparameter, and grouped bars of mean ± std over seeds."""
 
 import json
 from collections.abc import Mapping, Sequence
@@ -26,8 +26,9 @@ def read_metrics(workdir: epath.PathLike, split: str = 'train') -> list[dict[str
   return [by_step[step] for step in sorted(by_step)]
 
 
-def _save(fig: plt.Figure, ax: plt.Axes, out_path: epath.PathLike) -> epath.Path:
-  ax.grid(alpha=0.3)
+def _save(fig: plt.Figure, ax: plt.Axes | None, out_path: epath.PathLike) -> epath.Path:
+  if ax is not None:
+    ax.grid(alpha=0.3)
   fig.tight_layout()
   out_path = epath.Path(out_path)
   with out_path.open('wb') as f:
@@ -92,3 +93,25 @@ def plot_metric_against(rows: Sequence[Mapping[str, Any]], param: str, metric: s
   if any(group_by) and groups:
     ax.legend(fontsize='small')
   return _save(fig, ax, out_path)
+
+
+def plot_grouped_bars(panels: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]],
+                      out_path: epath.PathLike, title: str = '') -> epath.Path:
+  """Bars of mean ± std, one panel per key of `panels` ({panel: {group: {bar: (mean,
+  std)}}}): a group's bars side by side, each bar label in one colour across panels."""
+  bars = list(dict.fromkeys(b for groups in panels.values() for g in groups.values() for b in g))
+  fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5 * len(panels), 8), 4),
+                           squeeze=False)
+  width = 0.8 / max(len(bars), 1)
+  for ax, (panel, groups) in zip(axes[0], panels.items()):
+    for i, bar in enumerate(bars):
+      cells = [(j, groups[g][bar]) for j, g in enumerate(groups) if bar in groups[g]]
+      ax.bar([j + (i - (len(bars) - 1) / 2) * width for j, _ in cells],
+             [mean for _, (mean, _) in cells], width, yerr=[std for _, (_, std) in cells],
+             capsize=2, label=bar, color=f'C{i}')
+    ax.set_xticks(range(len(groups)), list(groups), fontsize='small')
+    ax.set_title(panel)
+    ax.grid(alpha=0.3, axis='y')
+  axes[0][0].legend(fontsize='small')
+  fig.suptitle(title)
+  return _save(fig, None, out_path)

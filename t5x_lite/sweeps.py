@@ -12,8 +12,17 @@ Every trial is resolved against `get_config()` and checked before any starts. A 
 the CLI's own `train` and then `eval` (`python -m t5x_lite.main ... --config=<sweep file>
 --config.a.b=v`) in `<workdir>/<trial name>/`, where `trial.json` records its overrides,
 resolved config, status, error line and wall time; a re-run skips finished trials and resumes
-the others from their checkpoints. `write_report` turns the workdirs into a
-table, plots and HParams summaries.
+the others from their checkpoints. The `eval` stage is left out when there is nothing for it
+to report (see `needs_eval_stage`).
+
+A trial may build on an earlier one: `trial_path(overrides, 'checkpoints')` names a path in
+that trial's workdir (e.g. as `train.init_from`, to fine-tune a pre-trained model), and the
+local runner starts the trial only once that one has finished.
+
+`write_report` turns the workdirs into a table, plots and HParams summaries, plus whatever
+the sweep file's optional `write_results(workdir, rows[, ARG])` writes from the table's rows.
+A sweep file given as `FILE.py:ARG` gets ARG in get_config, get_sweep and write_results (as
+config_flags passes it to get_config in every trial).
 """
 
 import csv
@@ -43,6 +52,8 @@ from t5x_lite.data import tasks
 Overrides = dict[str, Any]
 TRIAL_FILE = 'trial.json'
 FINISHED = 'done'
+# Stands for the sweep's --workdir in override values until the trials are made.
+SWEEP_WORKDIR = '{sweep_workdir}'
 
 
 def _print(line: str) -> None:
@@ -85,14 +96,23 @@ def _merge(parts: Sequence[Overrides]) -> Overrides:
   return merged
 
 
+def trial_path(overrides: Mapping[str, Any], *parts: str) -> str:
+  """A path in the workdir of the trial with `overrides`, e.g. `trial_path(pretrain,
+  'checkpoints')` as a `train.init_from` value: the trial using it starts once that trial
+  (an earlier one of the same sweep) has finished."""
+  return '/'.join([SWEEP_WORKDIR, trial_name(overrides), *parts])
+
+
 @dataclasses.dataclass(frozen=True)
 class Trial:
-  """One run of a sweep: its overrides, the config they resolve to, its workdir's name."""
+  """One run of a sweep: its overrides, the config they resolve to, its workdir's name and
+  the trials it builds on (`trial_path`), which must finish before it starts."""
 
   index: int
   overrides: Overrides
   config: ml_collections.ConfigDict
   name: str
+  after: tuple[str, ...] = ()
 
 
 def _load_module(path: epath.PathLike) -> Any:
@@ -107,24 +127,32 @@ def load_config(path: epath.PathLike) -> ml_collections.ConfigDict:
   return _load_module(path).get_config()
 
 
+def split_argument(path: str) -> tuple[str, tuple[str, ...]]:
+  """'FILE.py:ARG' -> ('FILE.py', ('ARG',)); 'FILE.py' -> ('FILE.py', ()). As config_flags
+  reads --config=FILE.py:ARG, a sweep file's get_config and get_sweep then receive ARG."""
+  file, *argument = path.split(':', 1)
+  return file, tuple(argument)
+
+
 def load_sweep_file(path: str) -> tuple[ml_collections.ConfigDict, list[Overrides]]:
-  """`get_config()` and `get_sweep()` of a sweep file."""
-  if not epath.Path(path).is_file():
-    raise SweepError(f'sweep file {path!r} not found; pass e.g. '
+  """`get_config()` and `get_sweep()` of a sweep file (given ARG for 'FILE.py:ARG')."""
+  file, argument = split_argument(path)
+  if not epath.Path(file).is_file():
+    raise SweepError(f'sweep file {file!r} not found; pass e.g. '
                      '--sweep=experiments/lr_size.py')
-  module = _load_module(path)
+  module = _load_module(file)
   for function in ('get_config', 'get_sweep'):
     if not callable(getattr(module, function, None)):
-      raise SweepError(f'{path} has no {function}(); a sweep file defines get_config() (the '
+      raise SweepError(f'{file} has no {function}(); a sweep file defines get_config() (the '
                        'base run config) and get_sweep() (a list of override dicts)')
-  trials = module.get_sweep()
+  trials = module.get_sweep(*argument)
   if not isinstance(trials, list) or not all(isinstance(t, dict) for t in trials):
-    raise SweepError(f'get_sweep() in {path} must return a list of dicts, got '
+    raise SweepError(f'get_sweep() in {file} must return a list of dicts, got '
                      f'{type(trials).__name__}')
   if not trials:
-    raise SweepError(f'get_sweep() in {path} returned no trials; add at least one override '
+    raise SweepError(f'get_sweep() in {file} returned no trials; add at least one override '
                      'dict (an empty dict {} runs the base config)')
-  return module.get_config(), trials
+  return module.get_config(*argument), trials
 
 
 def apply_overrides(base: ml_collections.ConfigDict,
@@ -175,13 +203,29 @@ def _format_value(value: Any) -> str:
   return str(value)
 
 
-def make_trials(path: str) -> list[Trial]:
+def _referenced_trials(overrides: Mapping[str, Any]) -> tuple[str, ...]:
+  """The names of the trials whose workdirs `trial_path` values in `overrides` point into."""
+  pattern = re.escape(SWEEP_WORKDIR) + r'/([^/]+)'
+  return tuple(dict.fromkeys(name for value in overrides.values() if isinstance(value, str)
+                             for name in re.findall(pattern, value)))
+
+
+def make_trials(path: str, workdir: str = '') -> list[Trial]:
   """The sweep file's trials, each resolved and checked; raises SweepError naming the first
-  bad trial (unknown field, wrong type, invalid model or task, duplicate)."""
+  bad trial (unknown field, wrong type, invalid model or task, duplicate, a `trial_path` to
+  no earlier trial). `trial_path` values point into `workdir` (if given)."""
   base, sweep_overrides = load_sweep_file(path)
   trials, seen = [], {}
-  for index, overrides in enumerate(sweep_overrides):
-    where = f'trial {index} {overrides}'
+  for index, raw_overrides in enumerate(sweep_overrides):
+    where = f'trial {index} {raw_overrides}'
+    after = _referenced_trials(raw_overrides)
+    earlier = {trial.name for trial in trials}
+    unknown = [name for name in after if name not in earlier]
+    if unknown:
+      raise SweepError(f'{where}: builds on trial {unknown[0]}, which is not an earlier trial '
+                       'of this sweep; list the trial it builds on before it')
+    overrides = {field: value.replace(SWEEP_WORKDIR, os.fspath(workdir) or SWEEP_WORKDIR)
+                 if isinstance(value, str) else value for field, value in raw_overrides.items()}
     try:
       for value in overrides.values():
         override_flag('x', value)  # representable on a command line
@@ -201,8 +245,19 @@ def make_trials(path: str) -> list[Trial]:
       raise SweepError(f'{where} duplicates trial {seen[resolved]}: both resolve to the same '
                        'config; remove one')
     seen[resolved] = index
-    trials.append(Trial(index, dict(overrides), config, trial_name(overrides)))
+    # Named by the overrides as written, so a trial's name does not depend on the workdir.
+    trials.append(Trial(index, overrides, config, trial_name(raw_overrides), after))
   return trials
+
+
+def needs_eval_stage(config: ml_collections.ConfigDict) -> bool:
+  """Whether a trial runs `eval` after `train`: not when training already evaluated its last
+  step (`eval.every_steps` divides `train.num_steps`), nor when its task (or mixture) has no
+  metrics to report, as pre-training tasks have not."""
+  every = config.eval.every_steps
+  if every and config.train.num_steps % every == 0:
+    return False
+  return bool(getattr(tasks.from_config(config.data, config.eval.task), 'metric_fns', ()))
 
 
 def override_flag(field: str, value: Any) -> str:
@@ -274,7 +329,10 @@ class LocalRunner:
   """Runs trials as local processes, `parallel` at a time, each pinned to its own cores.
 
   SIGINT and SIGTERM stop starting trials and forward SIGTERM to the running ones (the
-  trainer saves a checkpoint and exits); their status becomes 'interrupted'.
+  trainer saves a checkpoint and exits); their status becomes 'interrupted'. Trials share
+  compiled programs through JAX's persistent cache in `<workdir>/xla_cache` (unless
+  JAX_COMPILATION_CACHE_DIR is set): trials that differ only in seed, init_from or the like
+  compile once.
   """
 
   def __init__(self, sweep_file: str, workdir: str, parallel: int,
@@ -283,6 +341,10 @@ class LocalRunner:
     self.slots = core_slots(check_parallel(parallel), parallel)
     self.stopping = False
     self._running: list[_Running] = []
+    self.env = dict(os.environ)
+    if '://' not in os.fspath(workdir) and 'JAX_COMPILATION_CACHE_DIR' not in self.env:
+      self.env.update(JAX_COMPILATION_CACHE_DIR=os.fspath(self.workdir / 'xla_cache'),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')  # small programs too
 
   def trial_dir(self, trial: Trial) -> epath.Path:
     return self.workdir / trial.name
@@ -297,8 +359,16 @@ class LocalRunner:
     try:
       while (pending and not self.stopping) or self._running:
         free = sorted(set(range(len(self.slots))) - {r.slot for r in self._running})
-        while pending and free and not self.stopping:
-          self._start(pending.pop(0), 'train', free.pop(0))
+        for trial in list(pending):  # in order, each once the trials it builds on are done
+          if not free or self.stopping:
+            break
+          ready = self._ready(trial, pending)
+          if ready:
+            pending.remove(trial)
+            self._start(trial, 'train', free.pop(0))
+          elif ready is None:
+            pending.remove(trial)
+            self._block(trial)
         self._reap()
         time.sleep(0.2)
     finally:  # also on an error of our own: no child outlives the sweep unasked
@@ -310,6 +380,28 @@ class LocalRunner:
         signal.signal(s, handler)
     return {t.name: read_status(self.trial_dir(t)).get('status', 'not started')
             for t in trials}
+
+  def _ready(self, trial: Trial, pending: Sequence[Trial]) -> bool | None:
+    """True once every trial `trial` builds on has finished, False while one is still to
+    run, None if one ended without finishing (failed, interrupted, blocked)."""
+    to_run = {t.name for t in pending} | {r.trial.name for r in self._running}
+    waiting = False
+    for name in trial.after:
+      if read_status(self.workdir / name).get('status') == FINISHED:
+        continue
+      if name not in to_run:
+        return None
+      waiting = True
+    return not waiting
+
+  def _block(self, trial: Trial) -> None:
+    """Records that `trial` cannot start: a trial it builds on did not finish."""
+    failed = next(name for name in trial.after
+                  if read_status(self.workdir / name).get('status') != FINISHED)
+    error = f'not started: trial {failed} it builds on did not finish; re-run the sweep'
+    write_status(self.trial_dir(trial), name=trial.name, overrides=trial.overrides,
+                 status='blocked', error=error)
+    self.log(f'[{trial.index}] {trial.name}: blocked, {error}')
 
   def _stop(self, signum, frame) -> None:
     del frame
@@ -334,6 +426,7 @@ class LocalRunner:
     with (trial_dir / f'{stage}.log').open('ab') as log_file:
       proc = subprocess.Popen(
           args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+          env=self.env,
           start_new_session=True,  # a terminal's Ctrl-C reaches only us; we forward SIGTERM
           preexec_fn=lambda: os.sched_setaffinity(0, cores))
     self._running.append(_Running(trial, stage, proc, slot, time.time()))
@@ -347,9 +440,11 @@ class LocalRunner:
       self._running.remove(running)
       trial, trial_dir = running.trial, self.trial_dir(running.trial)
       wall_time = read_status(trial_dir).get('wall_time', 0.0) + time.time() - running.started
-      if code == 0 and running.stage == 'eval':
+      trained = running.stage == 'train' and code == 0 and _trained(trial, trial_dir)
+      if code == 0 and (running.stage == 'eval'
+                        or (trained and not needs_eval_stage(trial.config))):
         status = write_status(trial_dir, status=FINISHED, wall_time=wall_time)
-      elif self.stopping or (code == 0 and not _trained(trial, trial_dir)):
+      elif self.stopping or (code == 0 and not trained):
         status = write_status(trial_dir, status='interrupted', wall_time=wall_time)
       elif code:
         error = last_error_line(trial_dir / f'{running.stage}.log')
@@ -403,9 +498,13 @@ def trial_row(trial_dir: epath.PathLike, overrides: Mapping[str, Any]) -> dict[s
   return row
 
 
-def write_report(workdir: epath.PathLike, trials: Sequence[Trial]) -> list[epath.Path]:
+def write_report(workdir: epath.PathLike, trials: Sequence[Trial],
+                 write_results: Callable[..., list[epath.Path]] | None = None
+                 ) -> list[epath.Path]:
   """`results.csv`, `results.md`, loss-curve and metric-vs-hyperparameter PNGs and
-  TensorBoard HParams summaries in the sweep's workdir; returns the files written."""
+  TensorBoard HParams summaries in the sweep's workdir, then what `write_results(workdir,
+  rows)` (a sweep file's own tables, e.g. seeds aggregated) writes from the same rows;
+  returns the files written."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = [trial_row(workdir / t.name, t.overrides) for t in trials]
@@ -435,6 +534,8 @@ def write_report(workdir: epath.PathLike, trials: Sequence[Trial]) -> list[epath
   logging_utils.write_hparams(
       workdir / 'hparams', {row['trial']: {p: row.get(p) for p in params} for row in done},
       {row['trial']: {m: row[m] for m in metrics if row.get(m) is not None} for row in done})
+  if write_results is not None:
+    written += write_results(workdir, rows)
   return written
 
 
@@ -478,30 +579,38 @@ def run_sweep(sweep_file: str, workdir: str, *, parallel: int = 1, dry_run: bool
   """Validates every trial, then runs them locally (`launcher` None) or hands each to a
   remote launcher as a `launch.Job`; writes the report after a local run. Returns the exit
   code: 0 when every trial finished, 1 otherwise."""
-  trials = make_trials(sweep_file)
+  trials = make_trials(sweep_file, workdir)
+  file, argument = split_argument(sweep_file)
+  hook = getattr(_load_module(file), 'write_results', None)
+  write_results = hook and (lambda directory, rows: hook(directory, rows, *argument))
   if report_only:
-    for path in write_report(workdir, trials):
+    for path in write_report(workdir, trials, write_results):
       log(f'wrote {path}')
     return 0
   if launcher is not None:
+    chained = next((t for t in trials if t.after), None)
+    if chained is not None:
+      raise SweepError(f'trial {chained.index} builds on trial {chained.after[0]}: trials that '
+                       'build on others run only with the local runner (on a TPU VM: run the '
+                       'sweep command there, without --launcher)')
     for trial in trials:
       launcher(launch.Job(name=f'{name}-{trial.name.rsplit("-", 1)[-1]}',
                           config_file=sweep_file, workdir=f'{workdir}/{trial.name}',
                           overrides=tuple(override_flag(f, v) for f, v in
                                           trial.overrides.items()),
-                          evaluate=True), dry_run)
+                          evaluate=needs_eval_stage(trial.config)), dry_run)
     log(f'{len(trials)} trials {"printed" if dry_run else "launched"}; tabulate them with '
         '--report_only once they finish')
     return 0
   runner = LocalRunner(sweep_file, workdir, parallel, log)
   if dry_run:
     for trial in trials:
-      for verb in ('train', 'eval'):
+      for verb in ('train', 'eval') if needs_eval_stage(trial.config) else ('train',):
         log(shlex.join(command(verb, sweep_file, os.fspath(runner.trial_dir(trial)),
                                trial.overrides)))
     return 0
   statuses = runner.run(trials)
-  for path in write_report(workdir, trials):
+  for path in write_report(workdir, trials, write_results):
     log(f'wrote {path}')
   log((epath.Path(workdir) / 'results.md').read_text())
   unfinished = {n: s for n, s in statuses.items() if s != FINISHED}

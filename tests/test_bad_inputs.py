@@ -58,7 +58,7 @@ CASES = {
                                  ['train.label_smoothing=-1.0', '[0.0, 1.0)']),
     'converter_unknown': (['train', '--config.data.converter=bogus', '{run}'],
                           ["data.converter='bogus'",
-                           'enc_dec, lm, pairs_enc_dec, pairs_prefix_lm, prefix_lm']),
+                           'causal_lm, enc_dec, lm, pairs_enc_dec, pairs_prefix_lm, prefix_lm']),
     'num_steps_negative': (['train', '--config.train.num_steps=-5', '{fresh}'],
                            ['train.num_steps=-5', '>= 1']),
     'num_steps_0': (['train', '--config.train.num_steps=0', '{fresh}'],

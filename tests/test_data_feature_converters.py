@@ -13,7 +13,7 @@ import pytest
 from t5x_lite.data import feature_converters as fc
 
 # What an unknown converter's error lists: every registered one.
-KNOWN_CONVERTERS = r"known: \['enc_dec', 'lm', 'pairs_enc_dec', 'pairs_prefix_lm', 'prefix_lm'\]"
+KNOWN_CONVERTERS = r"known: \['causal_lm', 'enc_dec', 'lm', 'pairs_enc_dec', 'pairs_prefix_lm', 'prefix_lm'\]"
 
 
 def _ex(**features):
@@ -126,6 +126,24 @@ def test_prefix_lm_packed(loss_on_targets_only, loss_weights):
       'decoder_positions': [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 0],
       'decoder_segment_ids': [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0],
       'decoder_causal_attention': [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0],
+  })
+
+
+def test_causal_lm_is_prefix_lm_without_the_bidirectional_prefix():
+  converter = fc.get_converter('causal_lm', {'inputs': 4, 'targets': 5})
+  features = converter.convert(_ex(inputs=[9, 4, 6, 1], targets=[3, 9, 1]))
+  _assert_features(features, {
+      'decoder_target_tokens': [9, 4, 6, 1, 3, 9, 1, 0, 0],
+      'decoder_input_tokens': [0, 9, 4, 6, 1, 3, 9, 1, 0],
+      'decoder_loss_weights': [0, 0, 0, 0, 1, 1, 1, 0, 0],
+  })
+  [row] = fc.get_converter('causal_lm', {'inputs': 7, 'targets': 8}).pack(PAIR)
+  _assert_features(row, {
+      'decoder_target_tokens': [7, 8, 5, 1, 3, 9, 1, 8, 4, 9, 3, 1, 4, 1, 0],
+      'decoder_input_tokens': [0, 7, 8, 5, 1, 3, 9, 0, 8, 4, 9, 3, 1, 4, 0],
+      'decoder_loss_weights': [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0],
+      'decoder_positions': [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 0],
+      'decoder_segment_ids': [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0],
   })
 
 

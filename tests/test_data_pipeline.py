@@ -16,7 +16,7 @@ import pytest
 from t5x_lite.data import pipeline, sources, tasks
 
 # What an unknown converter's error lists: every registered one.
-KNOWN_CONVERTERS = r"known: \['enc_dec', 'lm', 'pairs_enc_dec', 'pairs_prefix_lm', 'prefix_lm'\]"
+KNOWN_CONVERTERS = r"known: \['causal_lm', 'enc_dec', 'lm', 'pairs_enc_dec', 'pairs_prefix_lm', 'prefix_lm'\]"
 
 TASK = 'translate_en_de'
 SPLIT = 'validation'

@@ -100,6 +100,32 @@ def test_span_corruption_task_is_seeded_and_fits_inputs_length():
     assert example['inputs'][-1] == example['targets'][-1] == VOCAB.eos_id
 
 
+@pytest.mark.parametrize('name, objective', [('lm_pretrain_text', 'full_lm'),
+                                             ('prefix_lm_pretrain_text', 'prefix_lm')])
+def test_language_modeling_tasks_rebuild_a_chunk_of_the_text(name, objective):
+  # Their chunk is one of the text's aligned max_length-token pieces (the whole text when
+  # shorter); prefix_lm splits it in two, each part with its own EOS.
+  task = tasks.get(name)
+  short = tasks.language_modeling_task('x', 'pretrain_text', objective, max_length=16)
+  source = task.source('validation')
+  for i in range(10):
+    tokens = np.asarray(VOCAB.encode(source[i]['text']), np.int32)
+    for chunked, max_length in ((task, 512), (short, 16)):
+      example = chunked.preprocess(source[i], rng=np.random.default_rng(i))
+      chunks = [tokens[j:j + max_length] for j in range(0, len(tokens), max_length)]
+      assert example['targets'][-1] == VOCAB.eos_id
+      if objective == 'full_lm':
+        assert set(example) == {'targets'}
+        rebuilt = example['targets'][:-1]
+      else:
+        assert example['inputs'][-1] == VOCAB.eos_id
+        assert len(example['inputs']) >= 2 and len(example['targets']) >= 2  # both non-empty
+        rebuilt = np.concatenate([example['inputs'][:-1], example['targets'][:-1]])
+      assert any(np.array_equal(rebuilt, chunk) for chunk in chunks)
+      if len(tokens) <= max_length:
+        np.testing.assert_array_equal(rebuilt, tokens)
+
+
 def test_pretraining_mixture():
   mixture = tasks.get('pretrain_span_corruption')
   assert sum(mixture.rates) == pytest.approx(1.0)

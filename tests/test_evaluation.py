@@ -129,8 +129,7 @@ def _teacher_forced_argmax(model, params, builder, examples, sequences):
 
 def test_greedy_decoding_matches_teacher_forced_argmax(family):
   model, params, builder = family
-  # A causal prefix: cached decoding reads the prompt one token at a time.
-  builder = evaluation.FeatureBuilder(builder.architecture, LENGTHS, bidirectional_prefix=False)
+  # Decoder-only: the prefix-LM's prompt is prefilled bidirectionally, as scored.
   examples = _examples(np.random.default_rng(4), 3)
   config = decoding.DecodeConfig(method='greedy', max_decode_length=6)
   batch = _stack([builder.predict_features(e) for e in examples])
@@ -140,6 +139,37 @@ def test_greedy_decoding_matches_teacher_forced_argmax(family):
   argmax = _teacher_forced_argmax(model, params, builder, examples, sequences)
   up_to_eos = np.cumsum(sequences == 1, axis=1) - (sequences == 1) == 0
   np.testing.assert_array_equal(np.where(up_to_eos, argmax, 0), sequences)
+
+
+@pytest.mark.parametrize('bidirectional_prefix, position_embedding, scan_layers', [
+    (True, 'rope', False), (True, 'relative', True), (False, 'relative', False)])
+def test_decoder_only_decoding_equals_a_forward_pass_of_prompt_plus_output(
+    bidirectional_prefix, position_embedding, scan_layers):
+  # Built by hand, not by the converters: [start, inputs..., output[:-1]] in one forward pass,
+  # the start and inputs attending both ways (prefix-LM) or causally (causal LM).
+  model_config = tiny('decoder_only', position_embedding=position_embedding,
+                      scan_layers=scan_layers)
+  model, params = models.build_model(model_config), _init(model_config, 5)
+  builder = evaluation.FeatureBuilder('decoder_only', LENGTHS, bidirectional_prefix)
+  examples = _examples(np.random.default_rng(7), 3)
+  batch = _stack([builder.predict_features(e) for e in examples])
+  sequences, scores = evaluation.predict_batch(
+      model, params, batch, decoding.DecodeConfig(method='greedy', max_decode_length=5))
+  forward = jax.jit(lambda tokens, prefix: model.apply(
+      {'params': params}, tokens, decoder_causal_attention=prefix))
+  for example, output, score in zip(examples, sequences[:, 0], scores[:, 0]):
+    output = output[:np.argmax(output == 1) + 1] if 1 in output else output
+    tokens = np.concatenate([[0], example['inputs'], output[:-1]])[None]
+    prompt_length = len(example['inputs']) + 1
+    prefix = (np.arange(tokens.shape[1]) < prompt_length)[None].astype(np.int32)
+    log_probs = jax.nn.log_softmax(forward(tokens, prefix if bidirectional_prefix else None))
+    predicted = np.asarray(log_probs[0, prompt_length - 1:])
+    np.testing.assert_array_equal(predicted.argmax(-1), output)
+    np.testing.assert_allclose(score, predicted[np.arange(len(output)), output].sum(),
+                               rtol=1e-4)
+    if bidirectional_prefix:  # the prefill matters: a causal prompt scores otherwise
+      causal = jax.nn.log_softmax(forward(tokens, None))[0, prompt_length - 1]
+      assert abs(float(causal[output[0]]) - float(predicted[0, output[0]])) > 1e-3
 
 
 def test_vocab_limit_keeps_padded_ids_out():

@@ -150,6 +150,59 @@ def test_make_trials_rejects(tmp_path, sweep, fragment):
   assert fragment in str(error.value)
 
 
+CHAINED = ('pre = {"seed": 1}\n'
+           '  return [pre, {"seed": 2, "train.init_from": sweeps.trial_path(pre, "checkpoints")}]')
+
+
+def test_a_trial_builds_on_an_earlier_one_through_trial_path(tmp_path):
+  path = write_sweep(tmp_path, CHAINED)
+  first, second = sweeps.make_trials(path, str(tmp_path / 'runs'))
+  assert first.after == () and second.after == (first.name,)
+  assert second.config.train.init_from == f'{tmp_path}/runs/{first.name}/checkpoints'
+  assert second.overrides['train.init_from'] == second.config.train.init_from
+  # Named by the overrides as written: the same names in any workdir.
+  assert [t.name for t in sweeps.make_trials(path)] == [first.name, second.name]
+  backwards = 'pre = {"seed": 1}\n  return [{"train.init_from": sweeps.trial_path(pre)}, pre]'
+  with pytest.raises(sweeps.SweepError, match='trial 0 .* not an earlier trial'):
+    sweeps.make_trials(write_sweep(tmp_path, backwards, name='backwards.py'))
+
+
+def test_a_trial_waits_for_the_one_it_builds_on_and_is_blocked_if_that_fails(tmp_path):
+  workdir = tmp_path / 'runs'
+  first, second = sweeps.make_trials(write_sweep(tmp_path, CHAINED), str(workdir))
+  runner = sweeps.LocalRunner('unused.py', str(workdir), parallel=1, log=lambda line: None)
+  assert runner._ready(second, [first, second]) is False  # still to run: wait
+  sweeps.write_status(workdir / first.name, status='failed')
+  assert runner._ready(second, [second]) is None
+  runner._block(second)
+  status = sweeps.read_status(workdir / second.name)
+  assert status['status'] == 'blocked' and first.name in status['error']
+  sweeps.write_status(workdir / first.name, status=sweeps.FINISHED)
+  assert runner._ready(second, [second]) is True
+
+
+def test_eval_stage_only_when_there_is_something_to_report(tmp_path):
+  config = sweeps.make_trials(write_sweep(tmp_path))[0].config
+  assert sweeps.needs_eval_stage(config)  # translate_en_de has BLEU
+  changes = [{'data.task': 'pretrain_span_corruption'},  # a mixture: nothing to score
+             {'data.task': 'lm_pretrain_text'},  # a task without metrics
+             {'eval.every_steps': 2}]  # train evaluates its last step (4) itself
+  for change in changes:
+    assert not sweeps.needs_eval_stage(sweeps.apply_overrides(config, change)), change
+  assert sweeps.needs_eval_stage(sweeps.apply_overrides(config, {'eval.every_steps': 3}))
+
+
+def test_a_sweep_file_argument_reaches_get_sweep_and_get_config(tmp_path):
+  path = tmp_path / 'scaled.py'
+  path.write_text(TINY_SWEEP.format(steps=4, sweep='return [{"seed": int(scale)}]')
+                  .replace('def get_config():', 'def get_config(scale="0"):')
+                  .replace('def get_sweep():', 'def get_sweep(scale="0"):')
+                  .replace('config.train.num_steps = 4', 'config.train.num_steps = 4 + int(scale)'))
+  [trial] = sweeps.make_trials(f'{path}:3')
+  assert trial.config.seed == 3 and trial.config.train.num_steps == 7
+  assert sweeps.command('train', f'{path}:3', 'w', trial.overrides)[4] == f'--config={path}:3'
+
+
 # ------------------------------------------------------------------------------ report
 
 

@@ -11,6 +11,9 @@ the models consume (see t5x_lite/models.py):
   prefix_lm: lm's features of inputs + targets concatenated, plus decoder_causal_attention
              (1 on the inputs and on the one position that reads the last input token,
              T5X's PrefixLMFeatureConverter convention); loss on the targets only by default.
+  causal_lm: prefix_lm's features without decoder_causal_attention: inputs + targets read
+             causally throughout (the "language model" architecture of the T5 paper's
+             Table 2); loss on the targets only by default.
 
 Packed rows also carry `*_segment_ids` (1, 2, ... per example, 0 = padding) and
 `*_positions` (restarting at 0 per example); the shift-right restarts per example too.
@@ -241,6 +244,7 @@ class PrefixLMFeatureConverter(FeatureConverter):
 
   name = 'prefix_lm'
   task_features = ('inputs', 'targets')
+  bidirectional_inputs = True  # False: no decoder_causal_attention, causal throughout
 
   def __init__(self, task_feature_lengths: Mapping[str, int], *, truncate: bool = True,
                start_id: int = 0, loss_on_targets_only: bool = True):
@@ -248,31 +252,47 @@ class PrefixLMFeatureConverter(FeatureConverter):
     self.loss_on_targets_only = loss_on_targets_only
 
   @property
+  def _aligned(self) -> tuple[str, ...]:
+    return ('targets', 'loss_weights') + (('causal_attention',) if self.bidirectional_inputs
+                                          else ())
+
+  @property
   def packed_lengths(self) -> dict[str, int]:
     length = sum(self.task_feature_lengths.values())
-    return {'targets': length, 'causal_attention': length, 'loss_weights': length}
+    return {k: length for k in self._aligned}
 
   def _token_aligned(self, tokens: Features) -> Features:
     num_inputs = len(tokens['inputs'])
     sequence = np.concatenate([tokens['inputs'], tokens['targets']])
     index = np.arange(len(sequence))
     loss = index >= num_inputs if self.loss_on_targets_only else np.ones(len(sequence), bool)
-    return {'targets': sequence, 'causal_attention': (index <= num_inputs).astype(np.int32),
-            'loss_weights': loss.astype(np.int32)}
+    features = {'targets': sequence, 'loss_weights': loss.astype(np.int32),
+                'causal_attention': (index <= num_inputs).astype(np.int32)}
+    return {k: features[k] for k in self._aligned}
 
   def model_features(self, rows: Mapping[str, np.ndarray]) -> Features:
     features = _decoder_features(rows, rows['loss_weights'], self.start_id)
-    features['decoder_causal_attention'] = rows['causal_attention']
+    if self.bidirectional_inputs:
+      features['decoder_causal_attention'] = rows['causal_attention']
     return _int32(features)
 
 
+class CausalLMFeatureConverter(PrefixLMFeatureConverter):
+  """Decoder-only LM on inputs + targets read causally throughout (no bidirectional prefix):
+  the T5 paper's "language model" architecture when fine-tuned on inputs -> targets."""
+
+  name = 'causal_lm'
+  bidirectional_inputs = False
+
+
 CONVERTERS: dict[str, type[FeatureConverter]] = {
-    c.name: c for c in (EncDecFeatureConverter, LMFeatureConverter, PrefixLMFeatureConverter)}
+    c.name: c for c in (EncDecFeatureConverter, LMFeatureConverter, PrefixLMFeatureConverter,
+                        CausalLMFeatureConverter)}
 
 
 def get_converter(name: str, task_feature_lengths: Mapping[str, int], **kwargs
                   ) -> FeatureConverter:
-  """The converter called `name` ("enc_dec", "lm" or "prefix_lm")."""
+  """The converter called `name` ("enc_dec", "lm", "prefix_lm" or "causal_lm")."""
   if name not in CONVERTERS:
     raise ValueError(f'Unknown feature converter {name!r}; known: {sorted(CONVERTERS)}.')
   return CONVERTERS[name](task_feature_lengths, **kwargs)
