@@ -1,25 +1,33 @@
-"""Post-training end to end at tiny scale: SFT -> reward model -> DPO, on 2 CPU cores.
+"""Post-training end to end at tiny scale: pre-training -> SFT -> reward model -> DPO.
 
-Run from the repository root (about 25 minutes on 2 CPU cores):
+Run from the repository root (about 35 minutes on 2 idle CPU cores):
 
   python experiments/posttrain.py --workdir=runs/posttrain
 
-It writes experiments/results/posttrain/results.md (and results.json). Every stage is the
-CLI's own machinery called in-process: `trainer.train` (SFT, then `train.objective=reward`,
-then `dpo`), `eval_commands.run_infer` / `run_eval` for greedy decoding and task metrics,
-`posttrain.evaluate_pairs` for held-out pairs. Stages whose workdir holds a finished run are
-skipped, so re-running resumes.
+It writes experiments/results/posttrain/results.md (and results.json, with each stage's wall
+time). Every stage is the CLI's own machinery called in-process: `trainer.train` (pre-training,
+SFT, then `train.objective=reward`, then `dpo`), `eval_commands.run_infer` for greedy
+decoding, `posttrain.evaluate_pairs` for held-out pairs. Stages whose workdir holds a
+finished run are skipped, so re-running resumes.
 
+0. Pre-training: the same decoder as a causal LM over the bundled English text
+   (`lm_pretrain_text`, converter 'lm', packed PRETRAIN_LENGTH-token rows; its train split
+   holds no text of a held-out prompt). SFT starts from its params through `train.init_from`,
+   which restores params only: the task, converter and feature lengths may differ, the model
+   config may not.
 1. SFT (`sft_mix`: the four bundled instruction tasks) for `WEAK_STEPS`, then greedy samples
    of that weak checkpoint on train and validation prompts, then SFT on to `SFT_STEPS`
    (resumed in the same workdir).
 2. Preference pairs, chosen = the corpus's real answer, rejected = (a) the real answer to a
-   different prompt, or (b) the weak checkpoint's sample where it differs from the answer.
+   different prompt (`PAIR_PROMPTS` train prompts per task), or (b) the weak checkpoint's
+   sample where it differs from the answer (`SAMPLE_PROMPTS` per task); the rules are in
+   experiments/results/posttrain/README.md.
 3. A reward model (`model.reward_head=True`) initialised from SFT, Bradley-Terry on (a)+(b).
 4. DPO from SFT with the SFT model as frozen reference, on the same pairs.
-5. Held out: RM pairwise accuracy on (a) and (b) validation pairs; DPO reward accuracy and
-   margins there; greedy samples of SFT and DPO on validation prompts, judged by the RM (win
-   rate of DPO) and by each task's metric.
+5. Held out (`HELD_OUT` validation prompts per task): RM pairwise accuracy on (a) and (b)
+   pairs, (a) split by whether the rejected answer is one of the same task's; DPO reward
+   accuracy and margins there; greedy samples of SFT and DPO, judged by the RM (win rate of
+   DPO) and by each task's metric.
 """
 
 import argparse
@@ -29,6 +37,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from t5x_lite import checkpoints, eval_commands, models, posttrain, presets, trainer
@@ -37,8 +46,10 @@ from t5x_lite.data import pipeline, posttrain_data, sources, tasks
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'posttrain')
 TASKS = list(posttrain_data.INSTRUCTIONS)
+PRETRAIN_STEPS, PRETRAIN_LENGTH = 1000, 128
 WEAK_STEPS, SFT_STEPS, RM_STEPS, DPO_STEPS = 100, 1000, 500, 150
-TRAIN_PROMPTS = 250  # per task: weak samples and (a)/(b) training pairs
+SAMPLE_PROMPTS = 250  # per task: weak samples for (b)-type training pairs
+PAIR_PROMPTS = 2000  # per task: (a)-type training pairs (no decoding needed)
 HELD_OUT = 100  # per task: validation prompts
 
 
@@ -56,6 +67,16 @@ def base_config():
   return config
 
 
+def pretrain_config(config):
+  """`config`'s model as a causal LM on `lm_pretrain_text` for PRETRAIN_STEPS."""
+  run = config.copy_and_resolve_references()
+  run.data.update(task='lm_pretrain_text', converter='lm')
+  # Assigned, not updated: update() would merge and keep the prefix-LM's 'inputs' length.
+  run.data.feature_lengths = ml_collections.ConfigDict({'targets': PRETRAIN_LENGTH})
+  run.train.update(num_steps=PRETRAIN_STEPS, checkpoint_every=250)
+  return run
+
+
 def finished(workdir, steps):
   step = checkpoints.latest_step(os.path.join(workdir, 'checkpoints'))
   return step is not None and step >= steps
@@ -67,8 +88,8 @@ def train(config, workdir):
 
 
 def samples(config, workdir, split, count, name):
-  """{task: greedy predictions of the newest checkpoint on the first `count` prompts},
-  kept in <workdir>/samples_<name>.json (so a re-run reuses the weak checkpoint's)."""
+  """{task: [{"target", "prediction"}]}: greedy decodes of the newest checkpoint on the
+  first `count` prompts, kept in <workdir>/samples_<name>.json (a re-run reuses them)."""
   cached = os.path.join(workdir, f'samples_{name}.json')
   if os.path.exists(cached):
     with open(cached, encoding='utf-8') as f:
@@ -79,7 +100,7 @@ def samples(config, workdir, split, count, name):
     run.eval.update(task=f'sft_{task}', split=split, num_examples=count)
     path, _ = eval_commands.run_infer(run, workdir)
     with open(path, encoding='utf-8') as f:
-      out[task] = [json.loads(line)['prediction'] for line in f]
+      out[task] = [{k: row[k] for k in ('target', 'prediction')} for row in map(json.loads, f)]
   with open(cached, 'w', encoding='utf-8') as f:
     json.dump(out, f, ensure_ascii=False)
   return out
@@ -89,11 +110,14 @@ def prompt_rows(split, count):
   return {task: posttrain_data.instruction_rows(task, split)[:count] for task in TASKS}
 
 
-def sample_pairs(rows, predictions):
-  """(b)-type pairs: the real answer over the weak checkpoint's different sample."""
-  return [{'prompt': r['prompt'], 'chosen': r['response'], 'rejected': p, 'kind': 'weak_sample'}
-          for task in TASKS for r, p in zip(rows[task], predictions[task])
-          if p.strip() and p.strip() != r['response'].strip()]
+def sample_pairs(rows, decoded):
+  """(b)-type pairs: the real answer over the weak checkpoint's sample, where the two
+  differ as the task's metric sees them (`posttrain_data.same_answer`)."""
+  return [{'prompt': r['prompt'], 'chosen': r['response'], 'rejected': d['prediction'],
+           'kind': 'weak_sample'}
+          for task in TASKS for r, d in zip(rows[task], decoded[task])
+          if d['prediction'].strip()
+          and not posttrain_data.same_answer(task, d['prediction'], r['response'])]
 
 
 def write_jsonl(path, rows):
@@ -122,14 +146,15 @@ def evaluate(run, workdir, pairs):
                                     posttrain.pair_batches(run, 'train', 64, task), reference)
 
 
-def sft_validation_loss(config, workdir):
-  """Teacher-forced mean cross-entropy per response token on validation (up to 50 batches)."""
+def validation_loss(config, workdir):
+  """Teacher-forced mean cross-entropy per loss token (the response's, for SFT) of the run's
+  task on validation (up to 50 batches of 32)."""
   partitioner = eval_commands.make_partitioner(config)
   params, _ = eval_commands.load_params(config, workdir, partitioner)
   model = models.build_model(config_lib.model_config(config))
   batches = pipeline.get_dataset(
-      'sft_mix', 'validation', config.data.feature_lengths.to_dict(), 32, shuffle=False,
-      num_epochs=1, converter='prefix_lm', log_every=0)
+      config.data.task, 'validation', config.data.feature_lengths.to_dict(), 32,
+      shuffle=False, num_epochs=1, converter=config.data.converter, log_every=0)
 
   @jax.jit
   def sums(params, batch):
@@ -146,13 +171,44 @@ def sft_validation_loss(config, workdir):
   return totals[0] / totals[1]
 
 
-def task_metrics(config, workdir):
-  out = {}
-  for task in TASKS:
-    run = config.copy_and_resolve_references()
-    run.eval.update(task=f'sft_{task}', num_examples=HELD_OUT)
-    out[task] = eval_commands.run_eval(run, workdir, num_samples=0).metrics
-  return out
+def task_metrics(decoded):
+  """{task: its metrics} of greedy decodes (`samples`) against their targets."""
+  return {task: tasks.get(f'sft_{task}').score([d['target'] for d in decoded[task]],
+                                               [d['prediction'] for d in decoded[task]])
+          for task in TASKS}
+
+
+def build_pairs(train_rows, held_rows, weak_train, weak_held):
+  """{'train', 'held_a', 'held_b'}: preference pairs (module docstring, step 2)."""
+  flat = lambda rows: [r for task in TASKS for r in rows[task]]
+  return {
+      'train': posttrain_data.other_prompt_pairs(flat(train_rows), seed=0)
+               + sample_pairs({t: r[:SAMPLE_PROMPTS] for t, r in train_rows.items()},
+                              weak_train),
+      'held_a': posttrain_data.other_prompt_pairs(flat(held_rows), seed=1),
+      'held_b': sample_pairs(held_rows, weak_held)}
+
+
+def same_task_mask(held_rows, pairs):
+  """[held (a) pairs]: whether the rejected answer is one of the prompt's own task's
+  answers (e.g. the other sentiment label) rather than another task's (pairs follow the
+  rows' order)."""
+  answers = {task: {r['response'] for r in held_rows[task]} for task in TASKS}
+  prompt_tasks = [task for task in TASKS for _ in held_rows[task]]
+  return np.array([p['rejected'] in answers[t] for t, p in zip(prompt_tasks, pairs)])
+
+
+def judge_duel(rm, rm_dir, held_rows, dpo_decoded, sft_decoded):
+  """The RM's win rate of DPO's greedy samples over SFT's (identical samples count 1/2),
+  and the share of identical samples."""
+  duel = [{'prompt': r['prompt'], 'chosen': d['prediction'] or ' ',
+           'rejected': s['prediction'] or ' '}
+          for task in TASKS
+          for r, d, s in zip(held_rows[task], dpo_decoded[task], sft_decoded[task])]
+  _, judged = evaluate(rm, rm_dir, duel)
+  same = np.array([d['chosen'] == d['rejected'] for d in duel])
+  wins = np.where(same, 0.5, judged['reward_chosen'] > judged['reward_rejected'])
+  return float(np.mean(wins)), float(np.mean(same))
 
 
 def main(argv):
@@ -161,59 +217,63 @@ def main(argv):
   args = parser.parse_args(argv)
   root = os.path.abspath(args.workdir)
   os.makedirs(root, exist_ok=True)
-  start = time.time()
+  minutes, start = {}, time.time()
+
+  def lap(stage):
+    minutes[stage] = (time.time() - start) / 60 - sum(minutes.values())
+
   config = base_config()
-  sft_dir = os.path.join(root, 'sft')
+  dirs = {name: os.path.join(root, name) for name in ('pretrain', 'sft', 'rm', 'dpo')}
+
+  # 0. Pre-training; SFT starts from its params (same model, other task and converter).
+  pretrain = pretrain_config(config)
+  train(pretrain, dirs['pretrain'])
+  config.train.init_from = os.path.join(dirs['pretrain'], 'checkpoints')
+  lap('pretrain')
 
   # 1. SFT: a weak early checkpoint first, its samples, then on to the full run.
   weak = config.copy_and_resolve_references()
   weak.train.num_steps = WEAK_STEPS
-  train(weak, sft_dir)
-  train_rows, held_rows = prompt_rows('train', TRAIN_PROMPTS), prompt_rows('validation', HELD_OUT)
-  weak_train = samples(config, sft_dir, 'train', TRAIN_PROMPTS, 'weak_train')
-  weak_held = samples(config, sft_dir, 'validation', HELD_OUT, 'weak_validation')
+  train(weak, dirs['sft'])
+  train_rows, held_rows = prompt_rows('train', PAIR_PROMPTS), prompt_rows('validation', HELD_OUT)
+  weak_train = samples(config, dirs['sft'], 'train', SAMPLE_PROMPTS, 'weak_train')
+  weak_held = samples(config, dirs['sft'], 'validation', HELD_OUT, 'weak_validation')
   config.train.num_steps = SFT_STEPS
-  train(config, sft_dir)
+  train(config, dirs['sft'])
+  lap('sft')
 
-  # 2. Preference pairs.
-  flat = lambda rows: [r for task in TASKS for r in rows[task]]
-  pairs = {
-      'train': posttrain_data.other_prompt_pairs(flat(train_rows), seed=0)
-               + sample_pairs(train_rows, weak_train),
-      'held_a': posttrain_data.other_prompt_pairs(flat(held_rows), seed=1),
-      'held_b': sample_pairs(held_rows, weak_held)}
+  # 2. Preference pairs; 3. reward model; 4. DPO against the frozen SFT model.
+  pairs = build_pairs(train_rows, held_rows, weak_train, weak_held)
   paths = {k: write_jsonl(os.path.join(root, f'pairs_{k}.jsonl'), v) for k, v in pairs.items()}
   files = {'train': paths['train'], 'validation': paths['held_a']}
-  init = os.path.join(sft_dir, 'checkpoints')
-
-  # 3. Reward model; 4. DPO against the frozen SFT model.
+  init = os.path.join(dirs['sft'], 'checkpoints')
   rm = pair_config(config, 'reward', files, num_steps=RM_STEPS, init_from=init)
   rm.optimizer.learning_rate = 1e-3
-  train(rm, os.path.join(root, 'rm'))
+  train(rm, dirs['rm'])
+  lap('rm')
   dpo = pair_config(config, 'dpo', files, num_steps=DPO_STEPS, init_from=init)
   dpo.optimizer.learning_rate = 3e-4
-  train(dpo, os.path.join(root, 'dpo'))
+  train(dpo, dirs['dpo'])
+  lap('dpo')
 
   # 5. Held-out evaluation.
-  results = {'sft_validation_loss': sft_validation_loss(config, sft_dir),
+  results = {'pretrain_validation_loss': validation_loss(pretrain, dirs['pretrain']),
+             'sft_validation_loss': validation_loss(config, dirs['sft']),
              'num_pairs': {k: len(v) for k, v in pairs.items()}}
   for name, run in (('rm', rm), ('dpo', dpo)):
     for kind in ('held_a', 'held_b'):
-      results[f'{name}_{kind}'] = evaluate(run, os.path.join(root, name), pairs[kind])[0]
-  sft_samples = samples(config, sft_dir, 'validation', HELD_OUT, 'sft_validation')
-  dpo_samples = samples(config, os.path.join(root, 'dpo'), 'validation', HELD_OUT,
-                        'dpo_validation')
-  duel = [{'prompt': r['prompt'], 'chosen': d or ' ', 'rejected': s or ' '}
-          for task in TASKS for r, d, s in zip(held_rows[task], dpo_samples[task],
-                                               sft_samples[task])]
-  _, judged = evaluate(rm, os.path.join(root, 'rm'), duel)
-  same = np.array([d['chosen'] == d['rejected'] for d in duel])
-  wins = np.where(same, 0.5, judged['reward_chosen'] > judged['reward_rejected'])
-  results['dpo_win_rate_by_rm'] = float(np.mean(wins))
-  results['identical_samples'] = float(np.mean(same))
-  results['task_metrics'] = {'sft': task_metrics(config, sft_dir),
-                             'dpo': task_metrics(config, os.path.join(root, 'dpo'))}
-  results['wall_time_minutes'] = (time.time() - start) / 60
+      results[f'{name}_{kind}'], per_pair = evaluate(run, dirs[name], pairs[kind])
+      if kind == 'held_a':
+        same = same_task_mask(held_rows, pairs[kind])
+        results[f'{name}_held_a_same_task'] = {'accuracy': float(np.mean(per_pair['accuracy'][same])),
+                                               'num_pairs': int(same.sum())}
+  decoded = {name: samples(config, dirs[name], 'validation', HELD_OUT, f'{name}_validation')
+             for name in ('sft', 'dpo')}
+  results['dpo_win_rate_by_rm'], results['identical_samples'] = judge_duel(
+      rm, dirs['rm'], held_rows, decoded['dpo'], decoded['sft'])
+  results['task_metrics'] = {name: task_metrics(decoded[name]) for name in ('sft', 'dpo')}
+  lap('evaluation')
+  results['wall_time_minutes'] = dict(minutes, total=sum(minutes.values()))
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2, sort_keys=True)
@@ -224,23 +284,29 @@ def main(argv):
 
 def report(r):
   """The results table in markdown."""
+  t = r['wall_time_minutes']
   lines = [
       '# Post-training at tiny scale (experiments/posttrain.py)', '',
-      f'Decoder-only prefix-LM, d_model 64, 2 layers, from scratch (no pre-training); '
-      f'SFT {SFT_STEPS} steps (weak checkpoint: step {WEAK_STEPS}), RM {RM_STEPS} steps, '
-      f'DPO {DPO_STEPS} steps (beta 0.1), batch 32; {r["wall_time_minutes"]:.0f} minutes. '
+      f'Decoder-only prefix-LM, d_model 64, 2 layers; pre-trained {PRETRAIN_STEPS} steps as a '
+      f'causal LM on lm_pretrain_text, SFT {SFT_STEPS} steps from it (weak checkpoint: step '
+      f'{WEAK_STEPS}), RM {RM_STEPS} steps, DPO {DPO_STEPS} steps (beta 0.1), batch 32. '
+      f'{t["total"]:.0f} minutes: ' + ', '.join(f'{k} {v:.1f}' for k, v in t.items()
+                                                  if k != 'total') + '. '
       f'Pairs: {r["num_pairs"]["train"]} train, {r["num_pairs"]["held_a"]} held-out (a) '
       f'other-prompt, {r["num_pairs"]["held_b"]} held-out (b) weak-sample.', '',
       '| stage | metric | held-out (a) other prompt | held-out (b) weak sample |',
       '|---|---|---:|---:|',
+      f'| pre-training | validation loss per token | {r["pretrain_validation_loss"]:.3f} | |',
       f'| SFT | validation loss per response token | {r["sft_validation_loss"]:.3f} | |']
   for name, label in (('rm', 'RM'), ('dpo', 'DPO')):
-    a, b = r[f'{name}_held_a'], r[f'{name}_held_b']
+    a, b, same = r[f'{name}_held_a'], r[f'{name}_held_b'], r[f'{name}_held_a_same_task']
     what = 'pairwise accuracy' if name == 'rm' else 'reward accuracy'
     lines.append(f'| {label} | {what} | {a["accuracy"]:.3f} | {b["accuracy"]:.3f} |')
+    lines.append(f'| {label} | {what}, (a) rejected from the same task '
+                 f'({same["num_pairs"]} pairs) | {same["accuracy"]:.3f} | |')
     lines.append(f'| {label} | mean margin | {a["margin"]:.3f} | {b["margin"]:.3f} |')
-  lines += ['', f'DPO vs SFT greedy samples on {4 * HELD_OUT} held-out prompts: win rate judged '
-            f'by the RM {r["dpo_win_rate_by_rm"]:.3f} (ties = identical samples, '
+  lines += ['', f'DPO vs SFT greedy samples on {len(TASKS) * HELD_OUT} held-out prompts: win '
+            f'rate judged by the RM {r["dpo_win_rate_by_rm"]:.3f} (ties = identical samples, '
             f'{r["identical_samples"]:.3f} of them, count 1/2).', '',
             '| task | metric | SFT | DPO |', '|---|---|---:|---:|']
   for task in TASKS:

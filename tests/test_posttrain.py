@@ -103,6 +103,20 @@ def test_instruction_tasks_use_the_corpus_answers_under_several_templates():
   assert {p['rejected'] for p in pairs} <= {r['response'] for r in rows[:50]}
 
 
+def test_pairs_never_prefer_an_answer_to_the_same_answer():
+  """(a) pairs redraw a rejected answer equal to the chosen one up to surrounding whitespace
+  (which check_pairs would refuse); (b) pairs compare answers as the task's metric does."""
+  rows = [{'prompt': p, 'response': r} for p, r in (('p1', 'a'), ('p2', 'a '), ('p3', 'b'))]
+  pairs = posttrain_data.other_prompt_pairs(rows, seed=0)
+  assert [p['rejected'] for p in pairs[:2]] == ['b', 'b']
+  assert pairs[2]['rejected'] in ('a', 'a ')
+  posttrain_data.check_pairs(pairs, 'pairs')
+  assert posttrain_data.same_answer('sentiment_rt', ' Positive', 'positive')
+  assert not posttrain_data.same_answer('sentiment_rt', 'positive', 'negative')
+  assert posttrain_data.same_answer('translate_en_de', 'Datei ', 'Datei')
+  assert not posttrain_data.same_answer('translate_en_de', 'Datei', 'datei')
+
+
 def test_pairs_are_interleaved_rows_with_the_response_as_loss():
   pairs = _pairs(3)
   batch, task = _pair_batch(pairs)

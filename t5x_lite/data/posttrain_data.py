@@ -131,15 +131,17 @@ def instruction_rows(task: str, split: str) -> list[Example]:
 
 def other_prompt_pairs(rows: Sequence[Mapping[str, str]], seed: int = 0) -> list[Example]:
   """(a)-type preference pairs: each row's real response is chosen; rejected is the real
-  response of another row (drawn with `seed`) whose response differs."""
-  if len({row['response'] for row in rows}) < 2:
+  response of another row, drawn uniformly with `seed` and redrawn while it equals the
+  chosen one up to surrounding whitespace (two prompts with the same class label give no
+  pair of each other's answers; a different label is a wrong answer, a well-defined pair)."""
+  if len({row['response'].strip() for row in rows}) < 2:
     raise ValueError('other_prompt_pairs needs rows with at least two different responses')
   rng = np.random.default_rng(seed)
   pairs = []
   for i, row in enumerate(rows):
     while True:
       j = int(rng.integers(len(rows)))
-      if j != i and rows[j]['response'] != row['response']:
+      if j != i and rows[j]['response'].strip() != row['response'].strip():
         break
     pairs.append({'prompt': row['prompt'], 'chosen': row['response'],
                   'rejected': rows[j]['response'], 'kind': 'other_prompt'})
@@ -179,6 +181,14 @@ _BUNDLED_METRICS = {
     'classify_debian_section': ([metrics.accuracy, metrics.macro_f1], tasks.normalize_label),
     'sentiment_rt': ([metrics.accuracy, metrics.macro_f1], tasks.normalize_label),
 }
+
+
+def same_answer(task: str, a: str, b: str) -> bool:
+  """Whether two answers to a bundled task's prompt are the same as its metric sees them:
+  class labels case- and whitespace-insensitively (`tasks.normalize_label`), other answers
+  up to surrounding whitespace. A preference pair of two same answers is no preference."""
+  postprocess = _BUNDLED_METRICS[task][1] or str.strip
+  return postprocess(a) == postprocess(b)
 
 
 def _register_bundled() -> None:
