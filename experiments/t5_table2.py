@@ -349,9 +349,10 @@ def write_results(workdir: epath.PathLike, rows: Sequence[Mapping[str, Any]],
     writer.writeheader()
     writer.writerows(csv_rows)
   (out / 'results.md').write_text(_markdown(scale, cells, costs, wall))
-  short = lambda arch: ARCHITECTURES[arch][0].split(' (')[0].replace('Enc-dec, ', '')
-  panels = {TASKS[task][0]: {short(arch): {OBJECTIVES[o]: cells[arch, o, task][:2]
-                                           for o in objectives if (arch, o, task) in cells}
+  # Two-line group labels: four one-line ones overlap under a panel.
+  group_label = lambda arch: ARCHITECTURES[arch][0].replace(' (', '\n(').replace(', ', '\n')
+  panels = {TASKS[task][0]: {group_label(arch): {OBJECTIVES[o]: cells[arch, o, task][:2]
+                                                 for o in objectives if (arch, o, task) in cells}
                              for arch in architectures} for task in task_names}
   figure = plots.plot_grouped_bars(
       panels, out / 'table2.png',
