@@ -1,6 +1,6 @@
 """Post-training end to end at tiny scale: pre-training -> SFT -> reward model -> DPO.
 
-Run from the repository root (about 35 minutes on 2 idle CPU cores):
+Run from the repository root (29 minutes on 2 idle CPU cores):
 
   python experiments/posttrain.py --workdir=runs/posttrain
 
