@@ -21,7 +21,7 @@ from etils import epath
 
 from t5x_lite import checkpoints, eval_commands, models, optimizers, partitioning, trainer
 from t5x_lite import config as config_lib
-from t5x_lite.data import feature_converters, tasks
+from t5x_lite.data import feature_converters, posttrain_data, tasks
 
 NAN_POLICIES = ('stop', 'skip')
 LOSS_NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'AVERAGE_PER_SEQUENCE')
@@ -161,6 +161,8 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   task = tasks.from_config(config.data)
   if isinstance(task, tasks.Task):
     task.source(config.data.split)
+  if config.data.format in posttrain_data.FORMATS and not config.data.truncate:
+    posttrain_data.check_lengths(task, config.data.feature_lengths.to_dict())
   if config.eval.every_steps:
     eval_commands.evaluator_from_config(config)
 

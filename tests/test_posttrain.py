@@ -368,3 +368,28 @@ def test_bad_preference_input_fails_in_one_line(tmp_path, sft_run, lines, fragme
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and fragment in lines[0], lines
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('data_format, long_row, fragment', [
+    ('preference', {'prompt': 'word ' * 300, 'chosen': 'b', 'rejected': 'c'},
+     'row 2: the prompt is'),
+    ('preference', {'prompt': 'a', 'chosen': 'b', 'rejected': 'word ' * 300},
+     'row 2: the rejected response is'),
+    ('sft', {'prompt': 'a', 'response': 'word ' * 300}, 'row 2: the response is'),
+])
+def test_an_overlong_row_with_truncate_false_fails_in_one_line(tmp_path, data_format, long_row,
+                                                               fragment):
+  short = ({'prompt': 'a', 'chosen': 'b', 'rejected': 'c'} if data_format == 'preference'
+           else {'prompt': 'a', 'response': 'b'})
+  path = tmp_path / 'rows.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in (short, long_row)), encoding='utf-8')
+  objective = (['--config.train.objective=reward', '--config.model.reward_head=True']
+               if data_format == 'preference' else [])
+  result = _cli('train', '--config=configs/decoder_tiny.py', f'--workdir={tmp_path / "run"}',
+                f'--config.data.format={data_format}', f'--config.data.files.train={path}',
+                '--config.data.truncate=False', *objective, cwd=ROOT)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and fragment in lines[0], lines
+  assert 'data.truncate=True' in lines[0]
+  assert not (tmp_path / 'run').exists()

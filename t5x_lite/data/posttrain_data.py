@@ -156,6 +156,29 @@ def check_pairs(rows: Sequence[Mapping[str, str]], where: str) -> None:
                        'a preference pair needs two different responses')
 
 
+_PARTS = {'inputs': 'prompt', 'targets': 'response', 'chosen': 'chosen response',
+          'rejected': 'rejected response'}
+
+
+def check_lengths(task: tasks.Task, feature_lengths: Mapping[str, int]) -> None:
+  """Raises ValueError naming the first row of any split whose prompt or response is longer
+  than `feature_lengths` (tokens, EOS included), for `data.truncate=False` runs, which would
+  otherwise drop those rows; a pair's chosen and rejected responses count as 'targets'."""
+  for split in task.splits:
+    rows = task.source(split)
+    for i in range(len(rows)):
+      example = task.preprocess(rows[i])
+      for key, part in _PARTS.items():
+        length = feature_lengths.get('targets' if key in ('chosen', 'rejected') else key)
+        if key in example and length and len(example[key]) > length:
+          field = 'inputs' if key == 'inputs' else 'targets'
+          raise ValueError(
+              f'data.files.{split} row {i + 1}: the {part} is {len(example[key])} tokens, '
+              f'longer than data.feature_lengths.{field}={length}, and data.truncate=False '
+              f'would drop the row; raise data.feature_lengths.{field}, or set '
+              'data.truncate=True to cut over-long rows (with a counted warning)')
+
+
 def pair_features(vocabulary=None) -> dict[str, Feature]:
   """'inputs', 'chosen' and 'rejected' (and 'targets') in one vocabulary, responses with EOS."""
   base = tasks.seq2seq_features(vocabulary)
