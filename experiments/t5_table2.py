@@ -56,8 +56,8 @@ SCALES = {
     'cpu': dict(d_model=64, num_heads=4, head_dim=16, d_ff=256, layers=2, dtype='bfloat16',
                 # 2k ids: with 8k the output layer and softmax took most of every step
                 vocabulary='small_2k.model', vocab_size=2176,
-                corruption_inputs=48, pretrain_steps=200, pretrain_batch=32, lm_batch=18,
-                learning_rate=0.2, warmup_steps=50,  # rsqrt: 0.028 to step 50, 0.014 at 200
+                corruption_inputs=48, pretrain_steps=1000, pretrain_batch=32, lm_batch=18,
+                learning_rate=0.2, warmup_steps=50,  # rsqrt: 0.028 to step 50, 0.0063 at 1000
                 finetune_steps=250, finetune_batch=16, finetune_learning_rate=0.01,
                 translate_length=64, summary_inputs=64, summary_targets=24,
                 eval_examples=200, eval_batch_size=200),
