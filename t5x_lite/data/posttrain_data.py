@@ -169,9 +169,9 @@ def check_lengths(task: tasks.Task, feature_lengths: Mapping[str, int]) -> None:
     for i in range(len(rows)):
       example = task.preprocess(rows[i])
       for key, part in _PARTS.items():
-        length = feature_lengths.get('targets' if key in ('chosen', 'rejected') else key)
+        field = 'inputs' if key == 'inputs' else 'targets'
+        length = feature_lengths.get(field)
         if key in example and length and len(example[key]) > length:
-          field = 'inputs' if key == 'inputs' else 'targets'
           raise ValueError(
               f'data.files.{split} row {i + 1}: the {part} is {len(example[key])} tokens, '
               f'longer than data.feature_lengths.{field}={length}, and data.truncate=False '
